@@ -1,0 +1,107 @@
+"""Receive one instance: check it, write it durably, index it, and say which DIMSE status to answer.
+
+:func:`store_instance` is what the C-STORE handler calls; it needs no network, so tests call it too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode import storage
+from dicomnode.config import Config
+from dicomnode.db.index import StoredFile, find_instance, index_instance
+from dicomnode.headers import InstanceHeader, UndecodableDataset, read_header
+
+log = logging.getLogger("dicomnode.ingest")
+
+# C-STORE statuses (PS3.4 B.2.3; 0xCxxx "cannot understand" codes are ours, documented in README).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_DECODE = 0xC210
+INVALID_UID = 0xC220
+DUPLICATE_REJECTED = 0xC230
+INDEX_FAILED = 0xC240
+
+
+@dataclass
+class NodeContext:
+    """What the handlers of one process share: the configuration and the index's session factory."""
+
+    config: Config
+    sessions: sessionmaker[Session]
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.config.resolved_storage_dir
+
+
+def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
+                   expected_sop_class_uid: str | None = None,
+                   expected_sop_instance_uid: str | None = None) -> int:
+    """Store the Part 10 bytes ``encoded`` (preamble + meta + dataset as received); return the status.
+
+    Success is returned only after the file is fsynced, renamed into place and its index row committed.
+    """
+    cfg = ctx.config.listener
+    try:
+        header: InstanceHeader = read_header(encoded)
+    except UndecodableDataset as exc:
+        log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae_title, CANNOT_DECODE, exc)
+        return CANNOT_DECODE
+    except storage.InvalidUID as exc:
+        log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae_title, INVALID_UID, exc)
+        return INVALID_UID
+
+    uid = header.sop_instance_uid
+    if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
+        log.warning("C-STORE %s from %s refused (0x%04X): dataset SOPClassUID %s != request's %s", uid,
+                    calling_ae_title, DATASET_DOES_NOT_MATCH_SOP_CLASS, header.sop_class_uid, expected_sop_class_uid)
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if expected_sop_instance_uid and uid != expected_sop_instance_uid:
+        log.warning("C-STORE %s from %s refused (0x%04X): dataset SOPInstanceUID differs from the request's %s",
+                    uid, calling_ae_title, DATASET_DOES_NOT_MATCH_SOP_CLASS, expected_sop_instance_uid)
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+    rel = storage.relative_path(header.study_instance_uid, header.series_instance_uid, uid)
+    if cfg.duplicate_policy != "replace":
+        with ctx.sessions() as session:
+            existing = find_instance(session, uid)
+        if existing is not None:
+            if cfg.duplicate_policy == "reject":
+                log.warning("C-STORE %s from %s refused (0x%04X): duplicate SOP Instance UID "
+                            "(listener.duplicate_policy=reject)", uid, calling_ae_title, DUPLICATE_REJECTED)
+                return DUPLICATE_REJECTED
+            log.info("C-STORE %s from %s: duplicate, kept the stored copy", uid, calling_ae_title)
+            return SUCCESS
+
+    try:
+        storage.check_free_space(ctx.storage_dir, len(encoded), cfg.min_free_space_mb << 20)
+        storage.write_atomic(ctx.storage_dir, rel, encoded, fsync=cfg.fsync, replace=True)
+    except OSError as exc:  # OutOfSpace included; ENOSPC while writing lands here too
+        log.error("C-STORE %s from %s refused (0x%04X): %s", uid, calling_ae_title, OUT_OF_RESOURCES, exc)
+        return OUT_OF_RESOURCES
+
+    try:
+        outcome = index_instance(ctx.sessions, header, StoredFile(rel, len(encoded), calling_ae_title))
+    except Exception as exc:
+        log.error("C-STORE %s from %s: index write failed (0x%04X): %s", uid, calling_ae_title, INDEX_FAILED, exc)
+        _remove_unindexed(ctx, uid, rel)
+        return INDEX_FAILED
+    log.debug("C-STORE %s from %s stored (%s, %d bytes)", uid, calling_ae_title, outcome, len(encoded))
+    return SUCCESS
+
+
+def _remove_unindexed(ctx: NodeContext, sop_instance_uid: str, rel: str) -> None:
+    """After a failed index write, remove the file unless another writer indexed it meanwhile."""
+    with ctx.sessions() as session:
+        if find_instance(session, sop_instance_uid) is not None:
+            return
+    try:
+        (ctx.storage_dir / rel).unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,122 @@
+"""``dicomnode serve``: the listener processes, the stability scheduler and the in-node worker.
+
+The main process checks the schema, starts N listener processes that share the port (SO_REUSEPORT;
+one Python process is bound to one core, so concurrent associations need several, as DCMTK's
+``--fork``), runs the stability job and, unless disabled, the classification worker. Ctrl-C or
+SIGTERM stops everything cleanly; a listener process that dies is restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+from dicomnode.config import Config
+from dicomnode.db.session import check_schema, ensure_embedded_schema, make_engine, make_sessionmaker
+from dicomnode.logconfig import setup_logging
+from dicomnode.storage import remove_partial_files
+
+log = logging.getLogger("dicomnode.node")
+
+
+def listener_processes(cfg: Config) -> int:
+    return cfg.listener.processes or max(1, min(4, os.cpu_count() or 1))
+
+
+def open_index(cfg: Config):
+    """Create the embedded schema on first run, refuse a schema not at head, return a session factory."""
+    url = cfg.resolved_database_url
+    if ensure_embedded_schema(url):
+        log.info("created a new index at %s", url)
+    engine = make_engine(url)
+    check_schema(engine)
+    return engine, make_sessionmaker(engine)
+
+
+def _listener_main(cfg: Config, max_associations: int, ready: mp.Event) -> None:  # runs in a child process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us with SIGTERM
+    setup_logging(cfg.log_level)
+    from dicomnode.ingest import NodeContext
+    from dicomnode.listener import start_listener
+
+    engine = make_engine(cfg.resolved_database_url)
+    ctx = NodeContext(cfg, make_sessionmaker(engine))
+    server = start_listener(ctx, reuse_port=True, max_associations=max_associations)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ready.set()
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    engine.dispose()
+
+
+def serve(cfg: Config, stop: threading.Event | None = None) -> int:
+    """Run the node until ``stop`` is set or SIGINT/SIGTERM arrives; returns the exit code."""
+    stop = stop or threading.Event()
+    engine, sessions = open_index(cfg)
+    storage_dir = cfg.resolved_storage_dir
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_partial_files(storage_dir)
+    if removed:
+        log.warning("removed %d partial file(s) left by an interrupted transfer", removed)
+
+    n = listener_processes(cfg)
+    per_process = max(1, -(-cfg.listener.max_associations // n))
+    spawn = mp.get_context("spawn")
+
+    def start_child(i: int):
+        ready = spawn.Event()
+        proc = spawn.Process(target=_listener_main, args=(cfg, per_process, ready), name=f"dicomnode-listener-{i}",
+                             daemon=True)
+        proc.start()
+        if not ready.wait(60):
+            raise RuntimeError(f"listener process {i} did not start (see the log above)")
+        return proc
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    children = []
+    scheduler = None
+    worker_thread = None
+    try:
+        children = [start_child(i) for i in range(n)]
+        log.info("%s listening on %s:%d (%d listener process(es), storage %s, StableAge %.3g s)",
+                 cfg.ae_title, cfg.bind_address, cfg.port, n, storage_dir, cfg.stable_age_s)
+        from dicomnode.stability import start_scheduler
+
+        scheduler = start_scheduler(sessions, cfg.stable_age_s, cfg.check_interval_s)
+        if cfg.worker.enabled:
+            from dicomnode import worker
+
+            worker_thread = threading.Thread(target=worker.run, args=(cfg, stop), name="dicomnode-worker", daemon=True)
+            worker_thread.start()
+        while not stop.wait(1.0):
+            for i, proc in enumerate(children):
+                if not proc.is_alive():
+                    log.error("listener process %s exited with %s; restarting it", proc.name, proc.exitcode)
+                    children[i] = start_child(i)
+    finally:
+        log.info("stopping")
+        stop.set()
+        for proc in children:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + 15
+        for proc in children:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
+        if worker_thread is not None:
+            worker_thread.join(30)
+        engine.dispose()
+    log.info("stopped")
+    return 0

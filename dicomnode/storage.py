@@ -1,0 +1,132 @@
+"""Where instance files live, and the one way they are written: temp file, fsync, rename.
+
+Paths are built only from validated UIDs, so nothing a peer sends can steer a write outside the
+storage folder. Only this module writes instance files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+# PS3.5 9.1: components of digits separated by '.', no leading zero in a multi-digit component,
+# at most 64 characters.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class InvalidUID(ValueError):
+    """A UID is missing or not a valid DICOM UID; the message names the attribute."""
+
+
+class OutOfSpace(OSError):
+    """Free space on the storage volume is below the configured floor."""
+
+
+def validate_uid(value: object, keyword: str) -> str:
+    """Return ``value`` as a str if it is a valid DICOM UID, else raise :class:`InvalidUID` naming ``keyword``."""
+    if value is None or value == "":
+        raise InvalidUID(f"{keyword} is missing")
+    text = str(value).rstrip("\x00 ")
+    if len(text) > 64:
+        raise InvalidUID(f"{keyword} is longer than 64 characters")
+    if not _UID_RE.match(text):
+        raise InvalidUID(f"{keyword} is not a valid UID: {text[:80]!r}")
+    return text
+
+
+def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The file's path relative to the storage folder: ``<study>/<series>/<sop>.dcm`` (UIDs validated)."""
+    parts = (
+        validate_uid(study_uid, "StudyInstanceUID"),
+        validate_uid(series_uid, "SeriesInstanceUID"),
+        validate_uid(sop_uid, "SOPInstanceUID") + ".dcm",
+    )
+    return "/".join(parts)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space available to this process on the volume holding ``path`` (or its nearest parent)."""
+    p = Path(path)
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_free_space(storage_dir: Path, needed: int, floor_bytes: int) -> None:
+    """Raise :class:`OutOfSpace` if writing ``needed`` bytes would leave less than ``floor_bytes`` free."""
+    free = free_bytes(storage_dir)
+    if free - needed < floor_bytes:
+        raise OutOfSpace(
+            f"storage {storage_dir} has {free // (1 << 20)} MiB free; "
+            f"floor is {floor_bytes // (1 << 20)} MiB (listener.min_free_space_mb)"
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, fsync: bool = True,
+                 replace: bool = True) -> Path:
+    """Write ``chunks`` to ``storage_dir/rel_path`` atomically and durably; return the final path.
+
+    The bytes go to a temporary file in the target folder, which is fsynced and renamed over the
+    target, then the folder is fsynced: a reader sees the old file, the new file or none, never a
+    torn one. With ``replace=False`` an existing target is left alone (and ``FileExistsError`` raised).
+    """
+    target = (storage_dir / rel_path).resolve()
+    root = storage_dir.resolve()
+    if root not in target.parents:
+        raise InvalidUID(f"refusing to write outside storage: {rel_path!r}")
+    folder = target.parent
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = [chunks]
+    fd, tmp = tempfile.mkstemp(prefix=".incoming-", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, target)
+        else:
+            # link() fails if the target exists: no window where a second writer overwrites the first.
+            os.link(tmp, target)
+            os.unlink(tmp)
+        if fsync:
+            _fsync_dir(folder)
+            if created:
+                _fsync_dir(folder.parent)
+                _fsync_dir(folder.parent.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
+
+
+def remove_partial_files(storage_dir: Path) -> int:
+    """Delete temporary files left by a crash mid-write (never indexed); return how many."""
+    count = 0
+    if not storage_dir.exists():
+        return 0
+    for tmp in storage_dir.rglob(".incoming-*.part"):
+        try:
+            tmp.unlink()
+            count += 1
+        except OSError:
+            pass
+    return count

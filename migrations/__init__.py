@@ -1,0 +1,1 @@
+"""Alembic migrations of the dicomnode index (installed as ``dicomnode.migrations``)."""

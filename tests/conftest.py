@@ -1,0 +1,135 @@
+"""Shared fixtures: real peers on loopback, real SQLite files, a PostgreSQL server when CI starts one.
+
+- ``FIXTURES``: small real CT copied into the repo; ``SHARED_DATA``: ../shared/data (CI has it too).
+- ``dcmtk(name)``: the path of a DCMTK tool from Debian's package (not pynetdicom's same-named apps).
+- ``node_config``: a Config on a free port with a fresh data dir; ``db_url`` parametrises SQLite and,
+  when ``DICOMNODE_TEST_POSTGRES_URL`` is set, PostgreSQL.
+- ``running_node``: the listener started in-process (threads) on that config.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+CT_FIXTURES = FIXTURES / "ct"
+SHARED_DATA = Path(os.environ.get("DICOMNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
+POSTGRES_URL = os.environ.get("DICOMNODE_TEST_POSTGRES_URL", "")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dcmtk(name: str) -> str:
+    """Path of DCMTK's ``name`` (``/usr/bin``); skips the test where DCMTK is not installed."""
+    path = Path("/usr/bin") / name
+    if not path.exists():
+        pytest.skip(f"DCMTK {name} not installed (apt-get install dcmtk)")
+    return str(path)
+
+
+def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+
+
+def make_postgres_database(base_url: str) -> str:
+    """Create a fresh database on the server of ``base_url``; return its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"dicomnode_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty database: a SQLite file, and a PostgreSQL database when a server is configured."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    if not POSTGRES_URL:
+        pytest.skip("DICOMNODE_TEST_POSTGRES_URL not set (.ci/run starts a PostgreSQL server and sets it)")
+    return make_postgres_database(POSTGRES_URL)
+
+
+@pytest.fixture
+def node_config(tmp_path) -> Config:
+    """Embedded defaults on a free port, data under tmp_path, StableAge 1 s, worker off."""
+    return load_config(None, {
+        "data_dir": str(tmp_path / "node"),
+        "port": free_port(),
+        "stable_age_s": 1.0,
+        "stability_check_interval_s": 0.2,
+        "listener.min_free_space_mb": 1,
+        "worker.enabled": False,
+    })
+
+
+@pytest.fixture
+def index(node_config):
+    """(engine, session factory) of node_config's index at head."""
+    from dicomnode.node import open_index
+
+    engine, sessions = open_index(node_config)
+    yield engine, sessions
+    engine.dispose()
+
+
+@pytest.fixture
+def node_ctx(node_config, index):
+    from dicomnode.ingest import NodeContext
+
+    return NodeContext(node_config, index[1])
+
+
+@pytest.fixture
+def running_node(node_ctx):
+    """The listener of node_ctx, serving on 127.0.0.1:<node_config.port> in this process."""
+    from dicomnode.listener import start_listener
+
+    server = start_listener(node_ctx)
+    wait_for_port(node_ctx.config.port)
+    yield node_ctx
+    server.shutdown()
+    server.server_close()
+
+
+def start_node_process(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """Run ``dicomnode <args>`` as a real process (stderr to ``log_path``)."""
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "dicomnode.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+
+
+def copy_fixture(src: Path, dst: Path) -> Path:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    return dst

@@ -1,0 +1,1 @@
+"""The trainer: mining, datasets, augmentation, training, evaluation. Runs beside the node, never inside it."""
