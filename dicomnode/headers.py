@@ -7,6 +7,7 @@ from io import BytesIO
 
 import pydicom
 
+from dicomnode.dataset_check import IncompleteDataset, check_complete, dataset_offset
 from dicomnode.storage import validate_uid
 
 # Tags read from the header; pixel data and everything after it is never parsed.
@@ -111,4 +112,8 @@ def read_header(encoded: bytes) -> InstanceHeader:
             _ = ds.get(kw)
     except Exception as exc:  # pydicom raises many kinds of error on corrupt input
         raise UndecodableDataset(f"dataset does not decode: {type(exc).__name__}: {exc}") from exc
+    try:
+        check_complete(memoryview(encoded)[dataset_offset(encoded):], ts)
+    except IncompleteDataset as exc:
+        raise UndecodableDataset(f"dataset is incomplete: {exc}") from exc
     return header_from_dataset(ds, ts)

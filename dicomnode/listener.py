@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 from typing import Any
 
 from pydicom.uid import UID
@@ -108,6 +109,9 @@ def handle_requested(event: evt.Event, cfg: Config) -> None:
                     ae_title, requestor.address)
         # rejected-permanent, service-user, calling-AE-title-not-recognized
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        # As pynetdicom does for its own rejections: let the DUL send the A-ASSOCIATE-RJ before the
+        # socket is closed, otherwise the peer may see an abort instead of the rejection.
+        event.assoc.kill()
 
 
 def handle_rejected(event: evt.Event) -> None:
@@ -115,9 +119,12 @@ def handle_rejected(event: evt.Event) -> None:
 
 
 def handle_established(event: evt.Event) -> None:
-    rejected = [cx.abstract_syntax for cx in event.assoc.rejected_contexts]
-    log.info("association from %s at %s accepted%s", event.assoc.requestor.ae_title, event.assoc.requestor.address,
-             f"; presentation contexts rejected: {', '.join(map(str, rejected))}" if rejected else "")
+    rejected = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
+    log.info("association from %s at %s accepted (%d presentation context(s) accepted, %d SOP class(es) rejected)",
+             event.assoc.requestor.ae_title, event.assoc.requestor.address, len(event.assoc.accepted_contexts),
+             len(rejected))
+    if rejected:
+        log.debug("SOP classes rejected for %s: %s", event.assoc.requestor.ae_title, ", ".join(rejected))
 
 
 def event_handlers(ctx: NodeContext) -> list[Any]:
@@ -174,8 +181,7 @@ def start_listener(ctx: NodeContext, reuse_port: bool = False, max_associations:
         evt_handlers=event_handlers(ctx),
         server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
     )
-    import threading
-
+    ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it again
     thread = threading.Thread(target=server.serve_forever, name="dicomnode-listener", daemon=True)
     thread.start()
     return server

@@ -43,15 +43,24 @@ def dcmtk(name: str) -> str:
     return str(path)
 
 
-def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+def wait_for_echo(port: int, timeout: float = 60.0, called: str = "DICOMNODE", host: str = "127.0.0.1") -> None:
+    """Wait until a C-ECHO to ``called`` at host:port succeeds (a node started as a process is ready)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
+        assoc = ae.associate(host, port, ae_title=called)
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            assoc.release()
+            if status and status.Status == 0:
                 return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+        time.sleep(0.2)
+    raise TimeoutError(f"no C-ECHO answer from {called} at {host}:{port} after {timeout} s")
 
 
 def make_postgres_database(base_url: str) -> str:
@@ -112,8 +121,7 @@ def running_node(node_ctx):
     """The listener of node_ctx, serving on 127.0.0.1:<node_config.port> in this process."""
     from dicomnode.listener import start_listener
 
-    server = start_listener(node_ctx)
-    wait_for_port(node_ctx.config.port)
+    server = start_listener(node_ctx)  # bound and listening when this returns
     yield node_ctx
     server.shutdown()
     server.server_close()

@@ -1,0 +1,184 @@
+"""Check that an encoded dataset is structurally whole before it is stored.
+
+pydicom is lenient: it reads a truncated element as a short value and stops quietly at the end of
+the bytes. A peer that sends a cut or corrupt dataset must get a failure status instead of a
+Success for a file that can never be read back, so the element structure is walked here once:
+every element's length must fit, every sequence, item and encapsulated fragment must be closed.
+No value is decoded; this costs a few microseconds per element.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+_MAX_DEPTH = 64
+
+
+class IncompleteDataset(ValueError):
+    """The encoded dataset is truncated or its element structure is broken; the message says where."""
+
+
+def _tag_str(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+class _Walker:
+    def __init__(self, buf: bytes, explicit: bool, little: bool) -> None:
+        self.buf = buf
+        self.explicit = explicit
+        self.e = "<" if little else ">"
+
+    def _need(self, pos: int, n: int, what: str) -> None:
+        if pos + n > len(self.buf):
+            raise IncompleteDataset(f"{what} at byte {pos} needs {n} bytes, only {len(self.buf) - pos} remain")
+
+    def _tag(self, pos: int) -> int:
+        self._need(pos, 4, "tag")
+        group, elem = struct.unpack_from(self.e + "HH", self.buf, pos)
+        return (group << 16) | elem
+
+    def elements(self, pos: int, end: int | None, depth: int) -> int:
+        """Walk elements from ``pos`` up to ``end`` (defined length) or an item delimiter (undefined)."""
+        if depth > _MAX_DEPTH:
+            raise IncompleteDataset("sequences nested too deeply")
+        buf = self.buf
+        while (end is None or pos < end) and pos < len(buf):
+            tag = self._tag(pos)
+            if tag == _ITEM_END:
+                if end is not None:
+                    raise IncompleteDataset(f"item delimiter inside a defined-length item at byte {pos}")
+                self._need(pos, 8, "item delimiter")
+                return pos + 8
+            if tag >> 16 == 0xFFFE:
+                raise IncompleteDataset(f"unexpected delimiter {_tag_str(tag)} at byte {pos}")
+            self._need(pos, 8, f"element {_tag_str(tag)}")
+            vr = buf[pos + 4:pos + 6] if self.explicit else b""
+            # Some writers encode sequence items in implicit VR inside an explicit VR dataset; like
+            # pydicom and DCMTK, read an element whose VR bytes are not letters as implicit VR.
+            if vr and vr.isalpha() and vr.isupper():
+                if vr in _LONG_VRS:
+                    self._need(pos, 12, f"element {_tag_str(tag)}")
+                    (length,) = struct.unpack_from(self.e + "L", buf, pos + 8)
+                    pos += 12
+                else:
+                    (length,) = struct.unpack_from(self.e + "H", buf, pos + 6)
+                    pos += 8
+            else:
+                vr = b""
+                (length,) = struct.unpack_from(self.e + "L", buf, pos + 4)
+                pos += 8
+            if length == _UNDEFINED:
+                if tag == 0x7FE00010:
+                    pos = self.fragments(pos, tag)
+                else:  # SQ, or UN/implicit with undefined length: a sequence of items
+                    pos = self.items(pos, tag, depth)
+                continue
+            if end is None and pos + length > len(buf) or end is not None and pos + length > end:
+                limit = len(buf) if end is None else end
+                raise IncompleteDataset(
+                    f"element {_tag_str(tag)} claims {length} bytes at byte {pos}, only {limit - pos} remain")
+            if vr == b"SQ" or (not vr and length and self._looks_like_items(pos, tag)):
+                self.items_defined(pos, pos + length, tag, depth)
+            pos += length
+        if end is not None and pos != end:
+            raise IncompleteDataset(f"item ends at byte {pos}, its length says {end}")
+        if end is None and depth > 0:
+            raise IncompleteDataset("dataset ends inside an undefined-length item")
+        return pos
+
+    def _looks_like_items(self, pos: int, tag: int) -> bool:
+        """In implicit VR a defined-length SQ is recognised by its first item tag."""
+        return pos + 4 <= len(self.buf) and self._tag(pos) == _ITEM and tag != 0x7FE00010
+
+    def items(self, pos: int, tag: int, depth: int) -> int:
+        """Items of an undefined-length sequence, up to its sequence delimiter."""
+        while True:
+            item_tag = self._tag(pos)
+            self._need(pos, 8, f"item of {_tag_str(tag)}")
+            (length,) = struct.unpack_from(self.e + "L", self.buf, pos + 4)
+            pos += 8
+            if item_tag == _SEQ_END:
+                return pos
+            if item_tag != _ITEM:
+                raise IncompleteDataset(f"sequence {_tag_str(tag)} holds {_tag_str(item_tag)} instead of an item")
+            if length == _UNDEFINED:
+                pos = self.elements(pos, None, depth + 1)
+            else:
+                self._need(pos, length, f"item of {_tag_str(tag)}")
+                self.elements(pos, pos + length, depth + 1)
+                pos += length
+
+    def items_defined(self, pos: int, end: int, tag: int, depth: int) -> None:
+        while pos < end:
+            item_tag = self._tag(pos)
+            if item_tag != _ITEM:
+                raise IncompleteDataset(f"sequence {_tag_str(tag)} holds {_tag_str(item_tag)} instead of an item")
+            self._need(pos, 8, f"item of {_tag_str(tag)}")
+            (length,) = struct.unpack_from(self.e + "L", self.buf, pos + 4)
+            pos += 8
+            if length == _UNDEFINED:
+                pos = self.elements(pos, None, depth + 1)
+            else:
+                if pos + length > end:
+                    raise IncompleteDataset(f"an item of {_tag_str(tag)} overruns its sequence")
+                self.elements(pos, pos + length, depth + 1)
+                pos += length
+
+    def fragments(self, pos: int, tag: int) -> int:
+        """Encapsulated pixel data: offset table and fragments, each with a defined length, then the delimiter."""
+        while True:
+            item_tag = self._tag(pos)
+            self._need(pos, 8, "pixel data fragment")
+            (length,) = struct.unpack_from(self.e + "L", self.buf, pos + 4)
+            pos += 8
+            if item_tag == _SEQ_END:
+                return pos
+            if item_tag != _ITEM or length == _UNDEFINED:
+                raise IncompleteDataset(f"encapsulated pixel data holds {_tag_str(item_tag)} at byte {pos - 8}")
+            self._need(pos, length, "pixel data fragment")
+            pos += length
+
+
+def check_complete(dataset: bytes | memoryview, transfer_syntax_uid: str) -> None:
+    """Raise :class:`IncompleteDataset` unless ``dataset`` (no preamble/meta) is structurally whole."""
+    buf = bytes(dataset)
+    if transfer_syntax_uid == DEFLATED:
+        try:
+            buf = zlib.decompress(buf, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise IncompleteDataset(f"deflated dataset does not inflate: {exc}") from exc
+    walker = _Walker(buf, explicit=transfer_syntax_uid != IMPLICIT_LE, little=transfer_syntax_uid != EXPLICIT_BE)
+    end = walker.elements(0, None, 0)
+    if end != len(buf):
+        raise IncompleteDataset(f"{len(buf) - end} stray bytes after the last element")
+
+
+def dataset_offset(part10: bytes | memoryview) -> int:
+    """Byte offset of the dataset in a Part 10 stream: after preamble, 'DICM' and the group 0002 elements."""
+    if len(part10) < 132 or bytes(part10[128:132]) != b"DICM":
+        raise IncompleteDataset("no DICM prefix: not a Part 10 stream")
+    pos = 132
+    while pos + 8 <= len(part10):
+        group = struct.unpack_from("<H", part10, pos)[0]
+        if group != 0x0002:
+            return pos
+        vr = bytes(part10[pos + 4:pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > len(part10):
+                break
+            pos += 12 + struct.unpack_from("<L", part10, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", part10, pos + 6)[0]
+    if pos == len(part10):
+        return pos
+    raise IncompleteDataset("file meta information is truncated")
