@@ -48,8 +48,12 @@ def _listener_main(cfg: Config, max_associations: int, ready: mp.Event) -> None:
     server = start_listener(ctx, reuse_port=True, max_associations=max_associations)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    parent = os.getppid()
     ready.set()
-    stop.wait()
+    # Exit with the main process, even when it was killed with SIGKILL and could not stop us.
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            break
     server.shutdown()
     server.server_close()
     engine.dispose()

@@ -1,0 +1,104 @@
+"""Index schema: migrations from empty on SQLite and PostgreSQL, refusal of a schema not at head, backups."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import inspect
+
+from dicomnode.db.models import Base
+from dicomnode.db.session import (
+    SchemaError,
+    check_schema,
+    current_revision,
+    head_revision,
+    make_engine,
+    upgrade,
+)
+
+
+def test_migrations_run_from_empty_and_match_the_models(db_url):
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        assert current_revision(engine) == head_revision()
+        check_schema(engine)
+        tables = set(inspect(engine).get_table_names())
+        assert set(Base.metadata.tables) <= tables
+        # Every model column exists in the migrated schema.
+        insp = inspect(engine)
+        for name, table in Base.metadata.tables.items():
+            columns = {c["name"] for c in insp.get_columns(name)}
+            assert {c.name for c in table.columns} <= columns, name
+        # And autogenerate finds nothing left to migrate.
+        from alembic.autogenerate import compare_metadata
+        from alembic.migration import MigrationContext
+
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert diff == [], diff
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_and_upgrade_again(db_url):
+    upgrade(db_url)
+    from alembic import command
+
+    from dicomnode.db.session import alembic_config
+
+    command.downgrade(alembic_config(db_url), "base")
+    engine = make_engine(db_url)
+    try:
+        assert current_revision(engine) is None
+        with pytest.raises(SchemaError, match="dicomnode db upgrade"):
+            check_schema(engine)
+    finally:
+        engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        check_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_pragmas(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.sqlite'}"
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    engine.dispose()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dicomnode.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_upgrade_backs_up_and_serve_refuses_an_old_schema(tmp_path):
+    data = tmp_path / "data"
+    result = run_cli("db", "upgrade", "--data-dir", str(data))
+    assert result.returncode == 0, result.stderr
+    assert run_cli("db", "current", "--data-dir", str(data)).returncode == 0
+    # Take the schema back to empty: the node must refuse to start and name the fix.
+    from alembic import command
+
+    from dicomnode.db.session import alembic_config
+
+    url = f"sqlite:///{data / 'index.sqlite'}"
+    command.downgrade(alembic_config(url), "base")
+    result = run_cli("serve", "--data-dir", str(data), "--port", "1")
+    assert result.returncode == 3
+    assert "dicomnode db upgrade" in result.stderr
+    result = run_cli("status", "--data-dir", str(data))
+    assert result.returncode == 3
+    # Upgrading now backs the file up first.
+    result = run_cli("db", "upgrade", "--data-dir", str(data))
+    assert result.returncode == 0, result.stderr
+    assert "backed up" in result.stdout
+    assert list(data.glob("index.sqlite.*.bak"))
+    assert run_cli("db", "current", "--data-dir", str(data)).returncode == 0

@@ -1,0 +1,132 @@
+"""`dicomnode serve` as a real process: embedded defaults, stable series, clean stop, kill -9 recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import create_engine, text
+
+from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, wait_for_echo
+from dicomnode.dataset_check import check_complete, dataset_offset
+
+SERIES_3 = CT_FIXTURES / "series" / "dcmqi_ge_3slice"
+BIG_SERIES = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # 30 slices, 16 MB
+
+
+def start_node(data: Path, port: int, *extra: str) -> subprocess.Popen:
+    log = open(data.parent / f"node-{port}.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "dicomnode.cli", "serve", "--data-dir", str(data), "--port", str(port), *extra],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_node(proc: subprocess.Popen, sig: int = signal.SIGINT) -> int:
+    proc.send_signal(sig)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def status(data: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "dicomnode.cli", "status", "--data-dir", str(data), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def storescu(port: int, path: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), "+sd", str(path)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **kw)
+
+
+def test_serve_on_embedded_defaults_receives_and_enqueues_once(tmp_path):
+    data, port = tmp_path / "data", free_port()
+    node = start_node(data, port, "--stable-age", "1", "--no-worker", "--processes", "2")
+    try:
+        wait_for_echo(port)
+        result = subprocess.run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], timeout=30)
+        assert result.returncode == 0
+        assert storescu(port, SERIES_3).wait(60) == 0
+        deadline = time.monotonic() + 30
+        while status(data)["jobs"]["queued"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        counts = status(data)
+        assert (counts["studies"], counts["series"], counts["instances"]) == (1, 1, 3)
+        assert counts["jobs"]["queued"] == 1
+        assert counts["last_received_at"]
+        # The same series again: no new rows, no second job.
+        assert storescu(port, SERIES_3).wait(60) == 0
+        time.sleep(2.5)
+        counts = status(data)
+        assert counts["instances"] == 3 and counts["jobs"]["queued"] == 1 and counts["jobs"]["cancelled"] == 0
+    finally:
+        assert stop_node(node) == 0  # Ctrl-C stops cleanly
+    log = (tmp_path / f"node-{port}.log").read_text()
+    assert "Traceback" not in log
+    assert "stopped" in log
+
+
+def indexed_paths(data: Path) -> dict[str, str]:
+    engine = create_engine(f"sqlite:///{data / 'index.sqlite'}")
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT sop_instance_uid, path FROM instances")).all())
+    engine.dispose()
+    return rows
+
+
+def assert_consistent(data: Path) -> int:
+    """Every file in storage is indexed and whole, and every indexed instance has its whole file."""
+    storage = data / "storage"
+    indexed = indexed_paths(data)
+    files = {str(p.relative_to(storage)) for p in storage.rglob("*.dcm")}
+    assert files == set(indexed.values())
+    for rel in files:
+        raw = (storage / rel).read_bytes()
+        ds = pydicom.dcmread(storage / rel)
+        check_complete(raw[dataset_offset(raw):], ds.file_meta.TransferSyntaxUID)
+        _ = ds.pixel_array.shape
+    return len(indexed)
+
+
+@pytest.mark.skipif(not BIG_SERIES.exists(), reason="needs ../shared/data")
+def test_kill_9_mid_transfer_leaves_only_complete_indexed_instances(tmp_path):
+    data, port = tmp_path / "data", free_port()
+    node = start_node(data, port, "--no-worker", "--processes", "1")
+    try:
+        wait_for_echo(port)
+        sender = storescu(port, BIG_SERIES)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (data / "index.sqlite").exists() and len(indexed_paths(data)) >= 3:
+                break
+            time.sleep(0.02)
+        os.killpg(node.pid, signal.SIGKILL)  # the node and its listener processes, mid-transfer
+        node.wait(10)
+        sender.wait(60)
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+    n_before = assert_consistent(data)
+    assert 3 <= n_before < 30, f"{n_before} instances: the transfer was not interrupted"
+
+    node = start_node(data, port, "--no-worker", "--processes", "1")
+    try:
+        wait_for_echo(port)
+        assert not list((data / "storage").rglob("*.part"))  # partial files of the crash are gone
+        assert storescu(port, BIG_SERIES).wait(120) == 0  # re-sending completes the series
+    finally:
+        assert stop_node(node) == 0
+    assert assert_consistent(data) == 30
+    counts = status(data)
+    assert (counts["series"], counts["instances"]) == (1, 30)
