@@ -140,13 +140,24 @@ def event_handlers(ctx: NodeContext) -> list[Any]:
 
 # The server -----------------------------------------------------------------------------------------
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose socket has SO_REUSEPORT: several processes share one port."""
+def _server_on(listening: socket.socket) -> type[ThreadedAssociationServer]:
+    """A server class that serves on an already bound and listening socket (shared by processes)."""
 
-    def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    class InheritedSocketServer(ThreadedAssociationServer):
+        def server_bind(self) -> None:
+            self.socket.close()
+            self.socket = listening
+            self.server_address = listening.getsockname()
+
+        def server_activate(self) -> None:  # already listening
+            pass
+
+    return InheritedSocketServer
+
+
+def listening_socket(cfg: Config) -> socket.socket:
+    """Bind and listen on the configured address; the listener processes all accept from this socket."""
+    return socket.create_server((cfg.bind_address, cfg.port), backlog=128)
 
 
 def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -170,8 +181,12 @@ def make_ae(cfg: Config, max_associations: int | None = None) -> AE:
     return ae
 
 
-def start_listener(ctx: NodeContext, reuse_port: bool = False, max_associations: int | None = None):
-    """Start the SCP in background threads and return the running server (``server.shutdown()`` stops it)."""
+def start_listener(ctx: NodeContext, listening: socket.socket | None = None, max_associations: int | None = None):
+    """Start the SCP in background threads and return the running server (``server.shutdown()`` stops it).
+
+    With ``listening`` (a bound, listening socket, see :func:`listening_socket`) several processes serve
+    one port: each accepts from the shared socket, as pre-forking servers do.
+    """
     cfg = ctx.config
     ae = make_ae(cfg, max_associations)
     server = ae.make_server(
@@ -179,7 +194,7 @@ def start_listener(ctx: NodeContext, reuse_port: bool = False, max_associations:
         contexts=supported_contexts(cfg),
         ssl_context=make_ssl_context(cfg),
         evt_handlers=event_handlers(ctx),
-        server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
+        server_class=_server_on(listening) if listening is not None else ThreadedAssociationServer,
     )
     ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it again
     thread = threading.Thread(target=server.serve_forever, name="dicomnode-listener", daemon=True)

@@ -1,8 +1,8 @@
 """``dicomnode serve``: the listener processes, the stability scheduler and the in-node worker.
 
-The main process checks the schema, starts N listener processes that share the port (SO_REUSEPORT;
-one Python process is bound to one core, so concurrent associations need several, as DCMTK's
-``--fork``), runs the stability job and, unless disabled, the classification worker. Ctrl-C or
+The main process checks the schema, binds the port, starts N listener processes that accept from that
+one socket (one Python process is bound to one core, so concurrent associations need several, as
+DCMTK's ``--fork``), runs the stability job and, unless disabled, the classification worker. Ctrl-C or
 SIGTERM stops everything cleanly; a listener process that dies is restarted.
 """
 
@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -37,7 +38,8 @@ def open_index(cfg: Config):
     return engine, make_sessionmaker(engine)
 
 
-def _listener_main(cfg: Config, max_associations: int, ready: mp.Event) -> None:  # runs in a child process
+def _listener_main(cfg: Config, listening: socket.socket, max_associations: int, ready: mp.Event) -> None:
+    """Body of a listener process: serve associations accepted from the shared socket."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us with SIGTERM
     setup_logging(cfg.log_level)
     from dicomnode.ingest import NodeContext
@@ -45,7 +47,7 @@ def _listener_main(cfg: Config, max_associations: int, ready: mp.Event) -> None:
 
     engine = make_engine(cfg.resolved_database_url)
     ctx = NodeContext(cfg, make_sessionmaker(engine))
-    server = start_listener(ctx, reuse_port=True, max_associations=max_associations)
+    server = start_listener(ctx, listening=listening, max_associations=max_associations)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     parent = os.getppid()
@@ -69,13 +71,16 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
     if removed:
         log.warning("removed %d partial file(s) left by an interrupted transfer", removed)
 
+    from dicomnode.listener import listening_socket
+
+    listening = listening_socket(cfg)
     n = listener_processes(cfg)
     per_process = max(1, -(-cfg.listener.max_associations // n))
     spawn = mp.get_context("spawn")
 
     def start_child(i: int):
         ready = spawn.Event()
-        proc = spawn.Process(target=_listener_main, args=(cfg, per_process, ready), name=f"dicomnode-listener-{i}",
+        proc = spawn.Process(target=_listener_main, args=(cfg, listening, per_process, ready), name=f"dicomnode-listener-{i}",
                              daemon=True)
         proc.start()
         if not ready.wait(60):
@@ -121,6 +126,7 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
             scheduler.shutdown(wait=False)
         if worker_thread is not None:
             worker_thread.join(30)
+        listening.close()
         engine.dispose()
     log.info("stopped")
     return 0

@@ -63,6 +63,28 @@ def wait_for_echo(port: int, timeout: float = 60.0, called: str = "DICOMNODE", h
     raise TimeoutError(f"no C-ECHO answer from {called} at {host}:{port} after {timeout} s")
 
 
+def send_files(port: int, files: list[Path], calling: str = "SCU", called: str = "DICOMNODE") -> list[int]:
+    """C-STORE ``files`` over one pynetdicom association, each as its bytes are (no decode/re-encode)."""
+    import pydicom
+    from pynetdicom import AE
+
+    metas = [pydicom.dcmread(p, stop_before_pixels=True).file_meta for p in files]
+    ae = AE(ae_title=calling)
+    for sop_class, ts in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+        ae.add_requested_context(sop_class, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {called} at port {port} failed")
+    from pynetdicom import _config
+
+    old, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        return [assoc.send_c_store(p).Status for p in files]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+        assoc.release()
+
+
 def make_postgres_database(base_url: str) -> str:
     """Create a fresh database on the server of ``base_url``; return its URL."""
     from sqlalchemy import create_engine, text

@@ -17,7 +17,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
 
-from conftest import CT_FIXTURES, dcmtk
+from conftest import CT_FIXTURES, dcmtk, send_files
 from dicomnode.db.models import Instance, Series
 from dicomnode.ingest import CANNOT_DECODE, INVALID_UID, OUT_OF_RESOURCES, NodeContext
 from dicomnode.listener import start_listener
@@ -106,15 +106,7 @@ def test_dcmtk_series_is_indexed_once_and_stored_byte_for_byte(running_node):
 def test_every_fixture_transfer_syntax_is_accepted_as_sent(running_node):
     files = SLICES + sorted(SERIES_J2K.glob("*.dcm"))
     metas = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
-    contexts = {(str(m.file_meta.MediaStorageSOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas}
-    by_class: dict[str, list[str]] = {}
-    for sop_class, ts in contexts:
-        by_class.setdefault(sop_class, []).append(ts)
-    # One presentation context per (SOP class, transfer syntax) so each file goes in its own syntax.
-    ctx_list = [(sop_class, [ts]) for sop_class, tss in by_class.items() for ts in tss]
-    with raw_sending(), association(running_node.config.port, ctx_list) as assoc:
-        assert assoc.is_established
-        statuses = [assoc.send_c_store(p).Status for p in files]
+    statuses = send_files(running_node.config.port, files)  # one context per (SOP class, syntax) sent
     assert statuses == [0x0000] * len(files)
     with running_node.sessions() as s:
         rows = {r.sop_instance_uid: r for r in s.scalars(select(Instance))}

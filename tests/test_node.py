@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, wait_for_echo
+from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, send_files, wait_for_echo
 from dicomnode.dataset_check import check_complete, dataset_offset
 
 SERIES_3 = CT_FIXTURES / "series" / "dcmqi_ge_3slice"
@@ -130,3 +130,41 @@ def test_kill_9_mid_transfer_leaves_only_complete_indexed_instances(tmp_path):
     assert assert_consistent(data) == 30
     counts = status(data)
     assert (counts["series"], counts["instances"]) == (1, 30)
+
+
+def test_node_on_postgresql(tmp_path):
+    from conftest import POSTGRES_URL, make_postgres_database
+
+    if not POSTGRES_URL:
+        pytest.skip("DICOMNODE_TEST_POSTGRES_URL not set (.ci/run starts a PostgreSQL server and sets it)")
+    url = make_postgres_database(POSTGRES_URL)
+    config = tmp_path / "node.yaml"
+    config.write_text(f"database_url: '{url}'\nstable_age_s: 1\nworker:\n  enabled: false\n")
+    data, port = tmp_path / "data", free_port()
+    cli = [sys.executable, "-m", "dicomnode.cli"]
+    # A server database is never created implicitly: the node refuses until it is upgraded.
+    refused = subprocess.run([*cli, "serve", "--config", str(config), "--data-dir", str(data), "--port", str(port)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 3 and "dicomnode db upgrade" in refused.stderr
+    upgraded = subprocess.run([*cli, "db", "upgrade", "--config", str(config)], capture_output=True, text=True,
+                              timeout=60)
+    assert upgraded.returncode == 0, upgraded.stderr
+    node = start_node(data, port, "--config", str(config), "--processes", "2")
+    try:
+        wait_for_echo(port)
+        # Two associations at once (DCMTK and pynetdicom), served by the two listener processes.
+        dcmtk_sender = storescu(port, SERIES_3)
+        j2k = sorted((CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k").glob("*.dcm"))
+        assert send_files(port, j2k) == [0] * len(j2k)
+        assert dcmtk_sender.wait(60) == 0, dcmtk_sender.stderr.read().decode()[-2000:]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            result = subprocess.run([*cli, "status", "--config", str(config), "--json"], capture_output=True,
+                                    text=True, timeout=60)
+            counts = json.loads(result.stdout)
+            if counts["jobs"]["queued"] == 2:
+                break
+            time.sleep(0.3)
+        assert (counts["series"], counts["instances"], counts["jobs"]["queued"]) == (2, 13, 2)
+    finally:
+        assert stop_node(node) == 0

@@ -1,0 +1,135 @@
+"""Augmentation: TPS identity and bounds, determinism, shapes, class plans, the Fig. 4 figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from tests.conftest import CT_FIXTURES
+from trainer.augment import (
+    AugmentParams,
+    _output_coords,
+    augment_batch,
+    jacobian_determinant,
+    plan_class_multipliers,
+    plot_deformations,
+    sampling_grid,
+    tps_displacement_field,
+)
+
+
+@pytest.fixture(scope="module")
+def ct_batch() -> torch.Tensor:
+    """A real 128x128 CT slice (pydicom's CT_small), windowed to [0, 1], as a batch of 4."""
+    ds = pydicom.dcmread(CT_FIXTURES / "slices" / "pydicom_ct_small.dcm")
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    img = np.clip((hu + 175.0) / 450.0, 0.0, 1.0)
+    return torch.from_numpy(img)[None, None].repeat(4, 1, 1, 1)
+
+
+def test_zero_displacement_is_identity(ct_batch):
+    params = AugmentParams(max_shift=0.0, max_rotation_deg=0.0, max_displacement=0.0)
+    out = augment_batch(ct_batch, torch.Generator().manual_seed(3), params)
+    assert torch.allclose(out, ct_batch, atol=1e-5)
+    zero = tps_displacement_field(torch.zeros(2, 25, 2), 64, 5)
+    assert zero.shape == (2, 64, 64, 2) and float(zero.abs().max()) == 0.0
+
+
+def test_tps_reproduces_affine_displacements():
+    """A thin-plate spline reproduces affine functions exactly (the P block of the system)."""
+    from trainer.augment import control_points
+
+    c = control_points(4, dtype=torch.float64)
+    disp = (0.03 + 0.02 * c[:, :1] - 0.01 * c[:, 1:]).repeat(1, 2)[None]  # affine in x, y
+    field = tps_displacement_field(disp, 32, 4)
+    pts = _output_coords(32).reshape(32, 32, 2)
+    expected = (0.03 + 0.02 * pts[..., :1] - 0.01 * pts[..., 1:]).repeat(1, 1, 2)
+    assert torch.allclose(field[0], expected, atol=1e-9)
+
+
+def test_tps_deformation_is_not_affine_and_changes_the_image(ct_batch):
+    params = AugmentParams(max_shift=0.0, max_rotation_deg=0.0, max_displacement=0.05, grid_k=4)
+    out = augment_batch(ct_batch, torch.Generator().manual_seed(0), params)
+    assert float((out - ct_batch).abs().mean()) > 1e-3
+    assert not torch.allclose(out[0], out[1])  # every image gets its own deformation
+
+
+@pytest.mark.parametrize("grid_k,max_disp", [(3, 0.16), (5, 0.08), (7, 0.05)])
+def test_displacement_bounded_and_fold_free(grid_k, max_disp):
+    params = AugmentParams(max_shift=0.0, max_rotation_deg=0.0, grid_k=grid_k, max_displacement=max_disp)
+    size = 64
+    grid = sampling_grid(32, size, torch.Generator().manual_seed(7), params)
+    base = _output_coords(size, torch.float32).reshape(1, size, size, 2)
+    longest = float((grid - base).norm(dim=-1).max())
+    assert longest <= 2.0 * max_disp + 1e-6  # normalised units: 2.0 = image width
+    assert longest > 0.5 * max_disp  # and it does deform
+    assert float(jacobian_determinant(grid).min()) > 0.0
+
+
+def test_translation_and_rotation_bounded():
+    params = AugmentParams(max_shift=0.1, max_rotation_deg=15.0, max_displacement=0.0)
+    size = 32
+    grid = sampling_grid(200, size, torch.Generator().manual_seed(1), params)
+    centre = grid[:, size // 2 - 1:size // 2 + 1, size // 2 - 1:size // 2 + 1].mean(dim=(1, 2))
+    assert float(centre.abs().max()) <= 2 * 0.1 + 1e-5
+    # The direction of the row axis gives the rotation angle.
+    row = grid[:, size // 2, -1] - grid[:, size // 2, 0]
+    angle = torch.rad2deg(torch.atan2(row[:, 1], row[:, 0]))
+    assert float(angle.abs().max()) <= 15.0 + 1e-3
+    assert float(angle.abs().max()) > 5.0
+
+
+def test_deterministic_with_seed(ct_batch):
+    params = AugmentParams()
+    a = augment_batch(ct_batch, torch.Generator().manual_seed(42), params)
+    b = augment_batch(ct_batch, torch.Generator().manual_seed(42), params)
+    c = augment_batch(ct_batch, torch.Generator().manual_seed(43), params)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_shapes_dtypes_and_bad_input(ct_batch):
+    multi = ct_batch.repeat(1, 3, 1, 1)
+    out = augment_batch(multi, torch.Generator().manual_seed(0), AugmentParams())
+    assert out.shape == multi.shape and out.dtype == multi.dtype
+    # all channels of one image get the same warp
+    assert torch.allclose(out[:, 0], out[:, 2])
+    assert augment_batch(multi[:0], torch.Generator(), AugmentParams()).shape == (0, 3, 128, 128)
+    with pytest.raises(ValueError, match="square images"):
+        augment_batch(torch.zeros(2, 1, 16, 8), torch.Generator(), AugmentParams())
+    with pytest.raises(ValueError, match="float"):
+        augment_batch(torch.zeros(2, 1, 16, 16, dtype=torch.int16), torch.Generator(), AugmentParams())
+
+
+def test_params_validation():
+    with pytest.raises(ValueError, match="max_displacement"):
+        AugmentParams(grid_k=5, max_displacement=0.2)
+    with pytest.raises(ValueError, match="grid_k"):
+        AugmentParams(grid_k=1)
+    with pytest.raises(ValueError, match="unknown keys"):
+        AugmentParams.from_dict({"max_shift": 0.1, "bogus": 1})
+    p = AugmentParams(max_shift=0.02)
+    assert AugmentParams.from_dict(p.to_dict()) == p
+
+
+def test_plan_class_multipliers_balances_classes():
+    counts = {"neck": 900, "lungs": 3000, "liver": 700, "pelvis": 88, "legs": 12}
+    plans = plan_class_multipliers(counts)
+    assert plans["lungs"].factor == 1
+    for name in ("neck", "liver", "pelvis"):
+        p = plans[name]
+        assert p.n_aug >= 3000 and p.factor == p.n_t * p.n_r * p.n_d
+        assert max(p.n_t, p.n_r, p.n_d) - min(p.n_t, p.n_r, p.n_d) <= 1
+    assert plans["legs"].factor == 64  # capped
+    assert plans["pelvis"].n_d >= plans["pelvis"].n_t
+    assert plan_class_multipliers({"a": 0, "b": 5})["a"].n_aug == 0
+    with pytest.raises(ValueError, match="negative"):
+        plan_class_multipliers({"a": -1})
+
+
+def test_plot_deformations_writes_figure(ct_batch, tmp_path):
+    out = plot_deformations(ct_batch[0], tmp_path / "fig" / "tps.png", n=3, seed=1)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

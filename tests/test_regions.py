@@ -1,0 +1,102 @@
+"""Ordered decoding of per-slice probabilities into region ranges (dicomnode.regions)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from dicomnode.regions import CLASS_ORDER, DecodeParams, decode_regions, viterbi_ordered
+
+NECK, LUNGS, LIVER, PELVIS, LEGS = range(5)
+
+
+def confident(labels, p=0.9):
+    probs = np.full((len(labels), 5), (1 - p) / 4)
+    probs[np.arange(len(labels)), labels] = p
+    return probs
+
+
+def spans(decoded):
+    return [(s.region, s.first, s.last) for s in decoded.spans]
+
+
+def test_clean_sequence_gives_ordered_ranges():
+    d = decode_regions(confident([NECK] * 4 + [LUNGS] * 10 + [LIVER] * 6 + [PELVIS] * 5 + [LEGS] * 3))
+    assert spans(d) == [("neck", 0, 3), ("lungs", 4, 13), ("liver", 14, 19), ("pelvis", 20, 24), ("legs", 25, 27)]
+    assert all(s.mean_probability == pytest.approx(0.9) for s in d.spans)
+    assert d.spans[1].n_slices == 10
+
+
+def test_isolated_mislabelled_slice_creates_no_range():
+    labels = [LUNGS] * 8 + [PELVIS] + [LUNGS] * 3 + [LIVER] * 6 + [NECK] + [LIVER] * 2
+    probs = confident(labels, p=0.97)
+    assert set(np.argmax(probs, axis=1)) == {NECK, LUNGS, LIVER, PELVIS}
+    d = decode_regions(probs)
+    assert spans(d) == [("lungs", 0, 11), ("liver", 12, 20)]
+    assert d.members[8] == ("lungs",) and d.members[18] == ("liver",)
+
+
+def test_switch_penalty_decides_about_a_lone_slice_at_the_end():
+    probs = confident([LUNGS] * 10 + [LIVER], p=0.95)
+    assert spans(decode_regions(probs)) == [("lungs", 0, 10)]
+    assert spans(decode_regions(probs, DecodeParams(switch_penalty=1.0))) == [("lungs", 0, 9), ("liver", 10, 10)]
+    # Two confident slices outweigh the default penalty: a real (short) range.
+    assert spans(decode_regions(confident([LUNGS] * 10 + [LIVER] * 2, p=0.99))) == [("lungs", 0, 9), ("liver", 10, 11)]
+
+
+def test_regions_never_go_back_up_the_body():
+    # A scan listed bottom-to-top by mistake cannot produce a valid ascending chain: it collapses.
+    d = decode_regions(confident([LIVER] * 6 + [LUNGS] * 6))
+    assert len(d.spans) == 1
+    assert all(b >= a for a, b in zip(d.path, d.path[1:]))
+
+
+def test_transition_slices_belong_to_both_regions():
+    probs = confident([LUNGS] * 10 + [LIVER] * 10)
+    probs[8] = [0, 0.60, 0.35, 0.05, 0]  # liver more than half as likely as lungs: shared
+    probs[9] = [0, 0.50, 0.45, 0.05, 0]
+    probs[10] = [0, 0.42, 0.55, 0.03, 0]
+    probs[11] = [0, 0.10, 0.85, 0.05, 0]  # clearly liver only
+    d = decode_regions(probs)
+    assert d.path[9] == LUNGS and d.path[10] == LIVER
+    assert d.members[7] == ("lungs",)
+    assert d.members[8] == d.members[9] == d.members[10] == ("lungs", "liver")
+    assert d.members[11] == ("liver",)
+    assert spans(d) == [("lungs", 0, 10), ("liver", 8, 19)]
+
+
+def test_sharing_is_bounded_and_configurable():
+    probs = confident([LUNGS] * 10 + [LIVER] * 10)
+    probs[4:16] = [0, 0.5, 0.5, 0, 0]  # a long ambiguous zone
+    d = decode_regions(probs, DecodeParams(max_shared=2))
+    shared = [i for i, m in enumerate(d.members) if len(m) == 2]
+    assert len(shared) == 4
+    d = decode_regions(probs, DecodeParams(share_ratio=1.01))
+    assert all(len(m) == 1 for m in d.members)
+
+
+def test_viterbi_matches_brute_force():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        n, k, pen = 6, 5, float(rng.uniform(0, 3))
+        logp = np.log(rng.dirichlet(np.ones(k) * 0.5, size=n) + 1e-9)
+
+        def score(path):
+            return sum(logp[t, s] for t, s in enumerate(path)) - pen * sum(a != b for a, b in zip(path, path[1:]))
+
+        best = max((p for p in itertools.product(range(k), repeat=n) if all(b >= a for a, b in zip(p, p[1:]))),
+                   key=score)
+        assert score(viterbi_ordered(logp, pen)) == pytest.approx(score(best))
+
+
+def test_edge_cases_and_bad_input():
+    assert decode_regions(np.zeros((0, 5))).spans == []
+    d = decode_regions(confident([PELVIS]))
+    assert spans(d) == [("pelvis", 0, 0)]
+    with pytest.raises(ValueError, match=r"\(N, 5\)"):
+        decode_regions(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        decode_regions(np.full((3, 5), np.nan))
+    assert CLASS_ORDER == ("neck", "lungs", "liver", "pelvis", "legs")

@@ -1,0 +1,276 @@
+"""The classification worker on a real SQLite index with real stored CT (dicomnode.worker)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pydicom
+import pytest
+import yaml
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from conftest import CT_FIXTURES, SHARED_DATA
+from dicomnode import jobs, worker
+from dicomnode.config import load_config
+from dicomnode.db.models import Job, RegionRange, Series, SliceResult, utcnow
+from dicomnode.ingest import SUCCESS, NodeContext, store_instance
+from dicomnode.model import make_untrained_checkpoint
+from dicomnode.node import open_index
+from dicomnode.stability import mark_stable_series
+
+J2K_SERIES = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_untrained_checkpoint(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+@pytest.fixture
+def setup(tmp_path, checkpoint):
+    """(config file, config, session factory, node context) for a fresh index using the tiny model."""
+    data = {
+        "data_dir": str(tmp_path / "node"),
+        "model": {"path": str(checkpoint)},
+        "listener": {"fsync": False, "min_free_space_mb": 1},
+        "worker": {"lease_s": 4.0, "poll_interval_s": 0.1, "max_attempts": 2, "retry_backoff_s": 0.0,
+                   "min_slices": 5, "batch_size": 16, "threads": 1},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path)
+    engine, sessions = open_index(cfg)
+    yield path, cfg, sessions, NodeContext(cfg, sessions)
+    engine.dispose()
+
+
+def store_files(ctx, files) -> None:
+    for f in files:
+        data = f if isinstance(f, bytes) else f.read_bytes()
+        assert store_instance(ctx, data, "TESTSCU") == SUCCESS
+
+
+def enqueue_all(sessions) -> list[str]:
+    return mark_stable_series(sessions, 1.0, now=utcnow() + dt.timedelta(hours=1))
+
+
+def job_rows(sessions) -> list[Job]:
+    with sessions() as s:
+        return list(s.scalars(select(Job).order_by(Job.id)))
+
+
+def count(sessions, model) -> int:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def state_for(cfg, sessions, owner="test-worker") -> worker.WorkerState:
+    return worker.WorkerState(cfg, sessions, owner, threading.Event())
+
+
+def test_results_land_in_the_index_and_replace_earlier_ones(setup):
+    _, cfg, sessions, ctx = setup
+    store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
+    enqueue_all(sessions)
+    state = state_for(cfg, sessions)
+    assert worker.process_next(state) == "done"
+    assert worker.process_next(state) is None  # nothing left
+
+    with sessions() as s:
+        series = s.scalars(select(Series)).one()
+        results = list(s.scalars(select(SliceResult).order_by(SliceResult.position)))
+        ranges = list(s.scalars(select(RegionRange).order_by(RegionRange.ordinal)))
+        job = s.scalars(select(Job)).one()
+        assert job.state == "done" and job.attempts == 1
+        assert series.classification_state == "done"
+        assert series.model_version.startswith("untrained-test-model") and series.classified_at is not None
+        assert [r.position for r in results] == list(range(10))
+        zs = [r.z_mm for r in results]
+        assert zs == sorted(zs, reverse=True) and zs[0] == -394.0 and zs[-1] == -439.0  # top -> bottom
+        for r in results:
+            total = r.p_neck + r.p_lungs + r.p_liver + r.p_pelvis + r.p_legs
+            assert total == pytest.approx(1.0, abs=1e-4)
+            assert r.predicted in ("neck", "lungs", "liver", "pelvis", "legs")
+            assert r.body_parts and r.model_version == series.model_version
+        # Ranges are in anatomical order, cover every slice and name the instances at their ends.
+        assert ranges and ranges[0].first_position == 0 and ranges[-1].last_position == 9
+        assert sum(r.n_slices for r in ranges) >= 10
+        order = ["neck", "lungs", "liver", "pelvis", "legs"]
+        assert [order.index(r.region) for r in ranges] == sorted(order.index(r.region) for r in ranges)
+        assert series.body_parts == "\\".join(r.body_part for r in ranges)
+        first = next(x for x in results if x.position == ranges[0].first_position)
+        assert ranges[0].first_sop_instance_uid == first.instance.sop_instance_uid
+        assert ranges[0].first_instance_number == 55 and ranges[-1].last_instance_number == 64
+
+    # Classified again (a new job): the results are replaced, not added.
+    with sessions() as s:
+        jobs.enqueue_classification(s, s.scalars(select(Series)).one())
+        s.commit()
+    assert worker.process_next(state) == "done"
+    assert count(sessions, SliceResult) == 10
+    assert count(sessions, RegionRange) == len(ranges)
+
+
+def test_out_of_scope_series_are_skipped_with_their_reason(setup):
+    _, cfg, sessions, ctx = setup
+    store_files(ctx, [CT_FIXTURES / "slices" / "barre_chest_scout_jpegll.dcm"])
+    store_files(ctx, sorted((CT_FIXTURES / "series" / "dcmqi_ge_3slice").glob("*.dcm")))
+    assert len(enqueue_all(sessions)) == 2
+    state = state_for(cfg, sessions)
+    assert [worker.process_next(state), worker.process_next(state)] == ["skipped", "skipped"]
+    with sessions() as s:
+        reasons = {x.series_instance_uid: (x.classification_state, x.classification_reason)
+                   for x in s.scalars(select(Series))}
+        job_errors = sorted(j.error for j in s.scalars(select(Job)))
+    assert reasons["1.2.840.113619.2.22.287.1.19990524.214221"][0] == "skipped"
+    assert "LOCALIZER" in reasons["1.2.840.113619.2.22.287.1.19990524.214221"][1]
+    assert reasons["1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1"] == (
+        "skipped", "3 slice(s), fewer than worker.min_slices=5")
+    assert job_errors == sorted(r[1] for r in reasons.values())
+    assert count(sessions, SliceResult) == 0
+
+
+def corrupt_j2k(path) -> bytes:
+    """A complete, well-formed dataset whose JPEG 2000 codestream header is zeroed."""
+    data = bytearray(path.read_bytes())
+    i = data.find(b"\xff\x4f\xff\x51")  # SOC + SIZ markers
+    assert i > 0
+    data[i:i + 64] = b"\x00" * 64
+    return bytes(data)
+
+
+def test_a_failing_series_ends_failed_after_n_attempts_with_the_error(setup):
+    _, cfg, sessions, ctx = setup
+    files = sorted(J2K_SERIES.glob("*.dcm"))
+    store_files(ctx, files[:5] + [corrupt_j2k(files[5])] + files[6:])
+    enqueue_all(sessions)
+    state = state_for(cfg, sessions)
+    assert worker.process_next(state) == "queued"  # attempt 1 of 2: back to the queue (backoff 0)
+    job = job_rows(sessions)[0]
+    assert job.state == "queued" and job.attempts == 1 and "pixel data does not decode" in job.error
+    assert worker.process_next(state) == "failed"
+    job = job_rows(sessions)[0]
+    assert job.state == "failed" and job.attempts == 2
+    assert "pixel data does not decode" in job.error and "No matching JPEG 2000 format" in job.error
+    with sessions() as s:
+        series = s.scalars(select(Series)).one()
+        assert series.classification_state == "failed" and series.classification_reason == job.error
+    assert count(sessions, SliceResult) == 0
+    assert worker.process_next(state) is None
+
+
+def test_inconsistent_geometry_fails_the_job_not_the_worker(setup):
+    _, cfg, sessions, ctx = setup
+    files = sorted(J2K_SERIES.glob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["twin", ds.SOPInstanceUID])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    store_files(ctx, files + [buf.getvalue()])  # a second slice at the position of the first
+    enqueue_all(sessions)
+    state = state_for(cfg, sessions)
+    assert worker.process_next(state) == "queued"
+    assert "same position" in job_rows(sessions)[0].error
+
+
+def long_series(n_copies: int) -> list[bytes]:
+    """A real 30-slice chest series stacked ``n_copies`` times along z (new UIDs, consistent geometry)."""
+    src = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"
+    if not src.exists():
+        pytest.skip(f"shared data {src} not present")
+    files = sorted(src.glob("*.dcm"))
+    out = []
+    for k in range(n_copies):
+        for i, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[ds.SOPInstanceUID, str(k)])
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = k * len(files) + i + 1
+            x, y, z = (float(v) for v in ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, y, z - k * 8.0 * len(files)]
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            out.append(buf.getvalue())
+    return out
+
+
+def test_a_killed_worker_leaves_the_job_to_be_claimed_after_the_lease(setup, tmp_path):
+    config_path, cfg, sessions, ctx = setup
+    store_files(ctx, long_series(2))
+    enqueue_all(sessions)
+    log_path = tmp_path / "worker.log"
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "worker", "--config", str(config_path)],
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        job = None
+        while time.monotonic() < deadline:
+            job = job_rows(sessions)[0]
+            if job.state == "running" and f":{proc.pid}:" in job.lease_owner:
+                break
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"the worker process never claimed the job:\n{log_path.read_text()}")
+        os.kill(proc.pid, signal.SIGKILL)  # mid-job: it claimed the job and holds the lease
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed = job_rows(sessions)[0]
+    assert killed.state == "running" and killed.attempts == 1, "the killed worker must not have finished"
+    assert count(sessions, SliceResult) == 0
+    # Within the lease nobody else may take it...
+    assert jobs.claim_next(sessions, "someone-else", cfg.worker.lease_s) is None
+    # ...after it, another worker does and finishes it.
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(cfg, stop), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and job_rows(sessions)[0].state != "done":
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+    job = job_rows(sessions)[0]
+    assert job.state == "done" and job.attempts == 2
+    assert f":{proc.pid}:" not in job.lease_owner
+    assert count(sessions, SliceResult) == 60
+    with sessions() as s:
+        zs = [r.z_mm for r in s.scalars(select(SliceResult).order_by(SliceResult.position))]
+    assert zs[0] == 312.0 and zs[-1] == 312.0 - 59 * 8.0
+
+
+def test_worker_process_stops_on_sigterm(setup, tmp_path):
+    config_path, cfg, sessions, ctx = setup
+    store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
+    enqueue_all(sessions)
+    log_path = tmp_path / "worker.log"
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "worker", "--config", str(config_path)],
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and job_rows(sessions)[0].state != "done":
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        assert job_rows(sessions)[0].state == "done", log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert "classified" in log and "stopped" in log
+    assert count(sessions, SliceResult) == 10
