@@ -23,7 +23,6 @@ log = logging.getLogger("dicomnode.cli")
 _EXTERNAL = [
     "dicomnode.commands.classify",
     "dicomnode.commands.worker",
-    "dicomnode.commands.query",
     "trainer.commands",
     "trainer.mine_cli",
 ]

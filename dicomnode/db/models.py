@@ -49,6 +49,7 @@ class Patient(Base):
     __table_args__ = (
         UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patients_id_issuer"),
         Index("ix_patients_name", "patient_name"),
+        Index("ix_patients_birth_date", "patient_birth_date"),  # 0002: Q/R
     )
 
 
@@ -73,6 +74,7 @@ class Study(Base):
     __table_args__ = (
         Index("ix_studies_date", "study_date"),
         Index("ix_studies_accession", "accession_number"),
+        Index("ix_studies_description", "study_description"),  # 0002: Q/R
     )
 
 
@@ -106,6 +108,8 @@ class Series(Base):
     region_ranges: Mapped[list[RegionRange]] = relationship(
         back_populates="series", cascade="all, delete-orphan", order_by="RegionRange.ordinal"
     )
+
+    __table_args__ = (Index("ix_series_study_modality", "study_fk", "modality"),)  # 0002: ModalitiesInStudy
 
 
 class Instance(Base):
@@ -149,6 +153,8 @@ class SliceResult(Base):
     body_parts: Mapped[str] = mapped_column(String(64), default="")
 
     instance: Mapped[Instance] = relationship(back_populates="result")
+
+    __table_args__ = (Index("ix_slice_results_series_body_parts", "series_fk", "body_parts"),)  # 0002: Q/R
 
 
 class RegionRange(Base):
