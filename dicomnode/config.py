@@ -242,6 +242,20 @@ def validate(cfg: Config) -> Config:
     for i, dest in enumerate(cfg.qr.move_destinations):
         if not AE_TITLE_RE.match(dest.ae_title):
             raise ConfigError(f"config key 'qr.move_destinations[{i}].ae_title': {dest.ae_title!r} is not a valid AE title")
+    for key in ("pacs", "move_destination"):
+        remote = getattr(cfg.mining, key)
+        if remote.ae_title and not AE_TITLE_RE.match(remote.ae_title):
+            raise ConfigError(f"config key 'mining.{key}.ae_title': {remote.ae_title!r} is not a valid AE title")
+        if not 0 < remote.port < 65536:
+            raise ConfigError(f"config key 'mining.{key}.port': {remote.port} is not a TCP port (1-65535)")
+    for key in ("slices_per_series", "max_concurrent_moves"):
+        if getattr(cfg.mining, key) < 1:
+            raise ConfigError(f"config key 'mining.{key}': must be at least 1")
+    if cfg.mining.timeout_s <= 0:
+        raise ConfigError("config key 'mining.timeout_s': must be greater than 0")
+    if cfg.mining.max_results_per_query < 0 or cfg.mining.pause_between_studies_s < 0:
+        raise ConfigError("config keys 'mining.max_results_per_query' and 'mining.pause_between_studies_s' "
+                          "must not be negative")
     tls = cfg.security.tls
     if tls.enabled:
         for key in ("certificate", "private_key"):

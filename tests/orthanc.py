@@ -57,8 +57,9 @@ class Orthanc:
         return f"{self.ae_title}@{self.host}:{self.dicom_port}"
 
     # REST --------------------------------------------------------------------------------------------
-    def rest(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+    def rest(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+        """Call the REST API with ``body`` as JSON (or ``raw`` bytes); return the decoded JSON answer."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"http://{self.host}:{self.http_port}{path}", data=data, method=method)
         with urllib.request.urlopen(request, timeout=30) as response:
             text = response.read()
@@ -81,34 +82,39 @@ class Orthanc:
 
     # DICOM -------------------------------------------------------------------------------------------
     def store(self, items: Iterable[Any], calling_ae_title: str = "LOADER") -> int:
-        """C-STORE files (paths) or pydicom datasets to Orthanc in one association; return how many.
+        """C-STORE files (paths) or pydicom datasets to Orthanc in one association; return how many."""
+        return c_store(self.host, self.dicom_port, self.ae_title, items, calling_ae_title)
 
-        Raises ``RuntimeError`` naming the instance when Orthanc refuses one.
-        """
-        import pydicom
-        from pynetdicom import AE
 
-        datasets = [pydicom.dcmread(str(item)) if isinstance(item, (str, os.PathLike)) else item for item in items]
-        if not datasets:
-            return 0
-        ae = AE(ae_title=calling_ae_title)
-        pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
-        for sop_class, syntax in pairs:
-            ae.add_requested_context(sop_class, [syntax])
-        if len(ae.requested_contexts) > 128:
-            raise ValueError("too many SOP class / transfer syntax pairs for one association")
-        assoc = ae.associate(self.host, self.dicom_port, ae_title=self.ae_title)
-        if not assoc.is_established:
-            raise RuntimeError(f"Orthanc at {self.address} refused the association for C-STORE")
-        try:
-            for ds in datasets:
-                status = assoc.send_c_store(ds)
-                code = getattr(status, "Status", None)
-                if code != 0x0000:
-                    raise RuntimeError(f"Orthanc refused C-STORE of {ds.SOPInstanceUID}: status {code}")
-        finally:
-            assoc.release()
-        return len(datasets)
+def c_store(host: str, port: int, called_ae_title: str, items: Iterable[Any], calling_ae_title: str = "LOADER") -> int:
+    """C-STORE files (paths) or pydicom datasets to any SCP in one association; return how many.
+
+    Raises ``RuntimeError`` naming the instance when the SCP refuses one.
+    """
+    import pydicom
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(str(item)) if isinstance(item, (str, os.PathLike)) else item for item in items]
+    if not datasets:
+        return 0
+    ae = AE(ae_title=calling_ae_title)
+    pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
+    if len(pairs) > 128:
+        raise ValueError("too many SOP class / transfer syntax pairs for one association")
+    for sop_class, syntax in pairs:
+        ae.add_requested_context(sop_class, [syntax])
+    assoc = ae.associate(host, port, ae_title=called_ae_title)
+    if not assoc.is_established:
+        raise RuntimeError(f"{called_ae_title}@{host}:{port} refused the association for C-STORE")
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code != 0x0000:
+                raise RuntimeError(f"{called_ae_title} refused C-STORE of {ds.SOPInstanceUID}: status {code}")
+    finally:
+        assoc.release()
+    return len(datasets)
 
 
 def _wait_until_up(orthanc: Orthanc, timeout: float) -> None:
@@ -228,3 +234,11 @@ def orthanc_server(workdir: Path, modalities: dict[str, tuple[str, str, int]] | 
         if not keep_files:
             shutil.rmtree(Path(workdir) / "storage", ignore_errors=True)
             shutil.rmtree(Path(workdir) / "index", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
+    """A module-scoped, empty Orthanc with no modalities (``add_modality`` registers one); import it into a
+    test module (``from tests.orthanc import orthanc``) to use it."""
+    with orthanc_server(tmp_path_factory.mktemp("orthanc")) as o:
+        yield o
