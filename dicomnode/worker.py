@@ -1,12 +1,283 @@
-"""Classification worker (placeholder until the classifier issue lands)."""
+"""The classification worker: claim a job, classify its series, store the results; repeat until stopped.
+
+Runs as a thread of ``dicomnode serve`` or as its own process (``dicomnode worker``); any number may share
+one index (SQLite on one machine, PostgreSQL on several). Per job:
+
+1. claim it with a lease (:func:`dicomnode.jobs.claim_next`); a keeper thread extends the lease every
+   third of ``worker.lease_s`` while the job runs, so a worker that dies leaves its job to be claimed
+   again once the lease has expired, and a worker whose lease was taken over stops and writes nothing;
+2. read the headers of the series' files, decide scope and order (:mod:`dicomnode.imaging.series`); an
+   out-of-scope series ends ``skipped`` with its reason;
+3. classify (:mod:`dicomnode.classify`; the model is loaded once per worker, on the first job, from
+   ``model.path`` or the shipped default, on ``worker.device``: CUDA when available under ``auto``);
+4. in one transaction, checking the lease is still held: replace the series' slice results and region
+   ranges, and set ``Series.body_parts`` (backslash-joined Body Part Examined terms), ``model_version`` and
+   ``classified_at``; then mark the job done.
+
+Any error (a slice that does not decode, inconsistent geometry, a missing file, a model that does not
+load, a database error) goes back to the queue with exponential backoff and ends ``failed`` after
+``worker.max_attempts`` attempts, the error kept on the job and the series. The worker itself never dies
+of a job.
+"""
+
+from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode import jobs
 from dicomnode.config import Config
+from dicomnode.db.models import Instance, Job, RegionRange, Series, SliceResult, utcnow
 
 log = logging.getLogger("dicomnode.worker")
 
 
+class LeaseLost(RuntimeError):
+    """Another worker holds the job now; this worker's results are dropped."""
+
+
+@dataclass
+class WorkerState:
+    """What one worker keeps between jobs: config, index sessions, its lease owner name, the model."""
+
+    cfg: Config
+    sessions: sessionmaker[Session]
+    owner: str
+    stop: threading.Event
+    _model: object | None = field(default=None, repr=False)
+    #: The last series this worker classified (a :class:`dicomnode.classify.SeriesClassification`, whose
+    #: ``timings`` include reading the headers and storing the results); for monitoring and benchmarks.
+    last_result: object | None = field(default=None, repr=False)
+
+    def model(self):
+        """The classification model, loaded on first use (``model.path`` or the shipped default)."""
+        if self._model is None:
+            from dicomnode.classify import configure_torch
+            from dicomnode.model import load_model
+
+            configure_torch(self.cfg.worker.threads)
+            self._model = load_model(self.cfg.model.path or None, self.cfg.worker.device)
+            log.info("worker %s loaded model %s (%s) on %s", self.owner, self._model.version,
+                     getattr(self._model, "path", ""), self._model.device)
+        return self._model
+
+
+def default_owner() -> str:
+    """Lease owner name of this worker: host, process and thread."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+class _LeaseKeeper:
+    """Extends a job's lease in the background; ``cancel`` is set when the lease is lost or on stop."""
+
+    def __init__(self, state: WorkerState, job_id: int) -> None:
+        self.state, self.job_id = state, job_id
+        self.cancel = threading.Event()
+        self.lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"dicomnode-lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        lease_s = self.state.cfg.worker.lease_s
+        interval = max(0.05, lease_s / 3.0)
+        next_extend = time.monotonic() + interval
+        while not self._done.wait(min(0.2, interval)):
+            if self.state.stop.is_set():
+                self.cancel.set()
+                return
+            if time.monotonic() < next_extend:
+                continue
+            next_extend = time.monotonic() + interval
+            try:
+                held = jobs.extend_lease(self.state.sessions, self.job_id, self.state.owner, lease_s)
+            except Exception as exc:  # the database may be briefly unavailable; try again next time
+                log.warning("job %d: could not extend the lease: %s", self.job_id, exc)
+                continue
+            if not held:
+                log.warning("job %d: lease lost to another worker; stopping this attempt", self.job_id)
+                self.lost = True
+                self.cancel.set()
+                return
+
+    def __enter__(self) -> "_LeaseKeeper":
+        if self.state.stop.is_set():
+            self.cancel.set()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(5)
+
+
+def _series_files(sessions: sessionmaker[Session], series_id: int) -> tuple[Series | None, list[Instance]]:
+    with sessions() as s:
+        series = s.get(Series, series_id)
+        instances = list(s.scalars(select(Instance).where(Instance.series_fk == series_id)))
+        return series, instances
+
+
+def _read_all_headers(storage_dir: Path, instances: list[Instance], threads: int = 4):
+    from dicomnode.imaging.series import read_headers
+
+    paths = [storage_dir / inst.path for inst in instances]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicomnode-headers") as pool:
+        per_file = list(pool.map(read_headers, paths))
+    return [h for hs in per_file for h in hs]
+
+
+def store_results(sessions: sessionmaker[Session], job_id: int, owner: str, series_id: int, result,
+                  instance_ids: dict[str, int]) -> None:
+    """Replace the series' results with ``result`` in one transaction, if ``owner`` still holds the job.
+
+    ``result`` None removes earlier results (the series is now out of scope).
+    """
+    from dicomnode.model import BODY_PARTS
+
+    now = utcnow()
+    with sessions.begin() as s:
+        held = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+                         .values(updated_at=now)).rowcount
+        if held != 1:
+            raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+        s.execute(delete(SliceResult).where(SliceResult.series_fk == series_id))
+        s.execute(delete(RegionRange).where(RegionRange.series_fk == series_id))
+        if result is None:
+            s.execute(update(Series).where(Series.id == series_id).values(body_parts="", model_version="",
+                                                                           classified_at=None))
+            return
+        rows = []
+        for sl in result.slices:
+            p = sl.probabilities
+            rows.append(dict(
+                instance_fk=instance_ids[sl.sop_instance_uid], series_fk=series_id, model_version=result.model_version,
+                position=sl.position, z_mm=sl.z_mm, p_neck=p.get("neck", 0.0), p_lungs=p.get("lungs", 0.0),
+                p_liver=p.get("liver", 0.0), p_pelvis=p.get("pelvis", 0.0), p_legs=p.get("legs", 0.0),
+                predicted=sl.predicted, body_parts="\\".join(BODY_PARTS.get(r, r.upper()) for r in sl.regions)))
+        if rows:
+            s.execute(insert(SliceResult), rows)
+        ranges = [dict(
+            series_fk=series_id, ordinal=i, region=r.region, body_part=r.body_part,
+            first_instance_number=r.first_instance, last_instance_number=r.last_instance,
+            first_sop_instance_uid=r.first_sop_instance_uid, last_sop_instance_uid=r.last_sop_instance_uid,
+            first_position=r.first_position, last_position=r.last_position, z_start_mm=r.z_start_mm,
+            z_end_mm=r.z_end_mm, n_slices=r.n_slices, mean_probability=r.mean_probability,
+            model_version=result.model_version) for i, r in enumerate(result.regions)]
+        if ranges:
+            s.execute(insert(RegionRange), ranges)
+        s.execute(update(Series).where(Series.id == series_id).values(
+            body_parts="\\".join(result.body_parts), model_version=result.model_version, classified_at=now))
+
+
+def _release(sessions: sessionmaker[Session], job_id: int, owner: str) -> None:
+    """Give a held job back to the queue at once (worker stopping); the attempt is not counted."""
+    with sessions.begin() as s:
+        released = s.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+            .values(state="queued", lease_owner="", lease_expires_at=None, attempts=Job.attempts - 1,
+                    not_before=utcnow(), updated_at=utcnow())).rowcount
+        if released:
+            series_id = s.scalar(select(Job.series_fk).where(Job.id == job_id))
+            s.execute(update(Series).where(Series.id == series_id).values(classification_state="queued"))
+
+
+def process_job(state: WorkerState, job: Job) -> str:
+    """Run one claimed job to its end; returns the job's new state (done, skipped, queued, failed, lost)."""
+    from dicomnode.classify import Cancelled, classify_plan
+    from dicomnode.imaging.series import plan_series
+
+    cfg = state.cfg
+    with _LeaseKeeper(state, job.id) as keeper:
+        try:
+            series, instances = _series_files(state.sessions, job.series_fk)
+            if series is None or not instances:
+                jobs.finish(state.sessions, job.id, state.owner, "skipped", "series has no stored instances")
+                return "skipped"
+            uid = series.series_instance_uid
+            t0 = time.perf_counter()
+            headers = _read_all_headers(cfg.resolved_storage_dir, instances)
+            t_headers = time.perf_counter() - t0
+            plan = plan_series(headers, cfg.worker.min_slices)
+            if plan.in_scope and any(h.frame is not None for h in plan.slices):
+                plan.skip_reason = ("multi-frame (Enhanced CT) instances: per-frame results are not stored in the "
+                                    "index; classify them offline with `dicomnode classify`")
+            if not plan.in_scope:
+                log.info("job %d: series %s skipped: %s", job.id, uid, plan.skip_reason)
+                store_results(state.sessions, job.id, state.owner, series.id, None, {})
+                jobs.finish(state.sessions, job.id, state.owner, "skipped", plan.skip_reason)
+                return "skipped"
+            model = state.model()
+            result = classify_plan(plan, model, batch_size=cfg.worker.batch_size, cancel=keeper.cancel)
+            result.timings.headers_s = t_headers
+            ids = {inst.sop_instance_uid: inst.id for inst in instances}
+            t0 = time.perf_counter()
+            store_results(state.sessions, job.id, state.owner, series.id, result, ids)
+            result.timings.store_s = time.perf_counter() - t0
+            state.last_result = result
+            if not jobs.finish(state.sessions, job.id, state.owner, "done"):
+                return "lost"
+            log.info("job %d: series %s classified: %d slices, %s, model %s (%.2f s)", job.id, uid, result.n_slices,
+                     " ".join(f"{r.region}[{r.first_position}-{r.last_position}]" for r in result.regions) or "-",
+                     result.model_version, result.timings.total_s)
+            return "done"
+        except (Cancelled, LeaseLost) as exc:
+            if keeper.lost or isinstance(exc, LeaseLost):
+                log.warning("job %d: %s; results dropped", job.id, exc)
+                return "lost"
+            _release(state.sessions, job.id, state.owner)
+            log.info("job %d: worker stopping; job returned to the queue", job.id)
+            return "queued"
+        except Exception as exc:  # anything a series or the environment throws ends on the job, not the worker
+            error = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, (ValueError, OSError, FileNotFoundError)):
+                log.exception("job %d: unexpected error", job.id)
+            try:
+                return jobs.fail(state.sessions, job.id, state.owner, error, cfg.worker.max_attempts,
+                                 cfg.worker.retry_backoff_s)
+            except Exception as db_exc:
+                log.error("job %d: could not record the failure (%s): %s", job.id, db_exc, error)
+                return "lost"
+
+
+def process_next(state: WorkerState) -> str | None:
+    """Claim and run one job; None when no job is runnable."""
+    job = jobs.claim_next(state.sessions, state.owner, state.cfg.worker.lease_s)
+    if job is None:
+        return None
+    log.info("job %d claimed (series id %d, attempt %d)", job.id, job.series_fk, job.attempts)
+    return process_job(state, job)
+
+
 def run(cfg: Config, stop: threading.Event) -> None:
-    log.warning("classification worker not implemented yet; jobs stay queued")
+    """Claim and run classification jobs until ``stop`` is set."""
+    from dicomnode.node import open_index
+
+    try:
+        engine, sessions = open_index(cfg)
+    except Exception as exc:
+        log.error("worker cannot open the index: %s", exc)
+        return
+    state = WorkerState(cfg, sessions, default_owner(), stop)
+    log.info("worker %s started (lease %.0f s, batch %d, device %s)", state.owner, cfg.worker.lease_s,
+             cfg.worker.batch_size, cfg.worker.device)
+    try:
+        while not stop.is_set():
+            try:
+                outcome = process_next(state)
+            except Exception as exc:  # e.g. the database is unreachable: wait and try again
+                log.error("worker: %s", exc)
+                outcome = None
+            if outcome is None:
+                stop.wait(cfg.worker.poll_interval_s)
+    finally:
+        engine.dispose()
+        log.info("worker %s stopped", state.owner)

@@ -17,16 +17,18 @@ import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from conftest import CT_FIXTURES, SHARED_DATA
+from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, wait_for_echo
 from dicomnode import jobs, worker
 from dicomnode.config import load_config
 from dicomnode.db.models import Job, RegionRange, Series, SliceResult, utcnow
+from dicomnode.db.session import upgrade
 from dicomnode.ingest import SUCCESS, NodeContext, store_instance
 from dicomnode.model import make_untrained_checkpoint
 from dicomnode.node import open_index
 from dicomnode.stability import mark_stable_series
 
 J2K_SERIES = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
+CHEST = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # 30 real slices
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +37,12 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture
-def setup(tmp_path, checkpoint):
-    """(config file, config, session factory, node context) for a fresh index using the tiny model."""
+def setup(tmp_path, checkpoint, db_url):
+    """(config file, config, session factory, node context): a fresh index (SQLite file, or PostgreSQL when
+    the CI provides one) and the tiny model."""
     data = {
         "data_dir": str(tmp_path / "node"),
+        "database_url": db_url,
         "model": {"path": str(checkpoint)},
         "listener": {"fsync": False, "min_free_space_mb": 1},
         "worker": {"lease_s": 4.0, "poll_interval_s": 0.1, "max_attempts": 2, "retry_backoff_s": 0.0,
@@ -46,6 +50,7 @@ def setup(tmp_path, checkpoint):
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
+    upgrade(db_url, backup=False)
     cfg = load_config(path)
     engine, sessions = open_index(cfg)
     yield path, cfg, sessions, NodeContext(cfg, sessions)
@@ -184,7 +189,7 @@ def test_inconsistent_geometry_fails_the_job_not_the_worker(setup):
 
 def long_series(n_copies: int) -> list[bytes]:
     """A real 30-slice chest series stacked ``n_copies`` times along z (new UIDs, consistent geometry)."""
-    src = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"
+    src = CHEST
     if not src.exists():
         pytest.skip(f"shared data {src} not present")
     files = sorted(src.glob("*.dcm"))
@@ -205,6 +210,8 @@ def long_series(n_copies: int) -> list[bytes]:
 
 def test_a_killed_worker_leaves_the_job_to_be_claimed_after_the_lease(setup, tmp_path):
     config_path, cfg, sessions, ctx = setup
+    if not cfg.resolved_database_url.startswith("sqlite"):
+        pytest.skip("the kill test runs once, on SQLite")
     store_files(ctx, long_series(2))
     enqueue_all(sessions)
     log_path = tmp_path / "worker.log"
@@ -254,6 +261,8 @@ def test_a_killed_worker_leaves_the_job_to_be_claimed_after_the_lease(setup, tmp
 
 def test_worker_process_stops_on_sigterm(setup, tmp_path):
     config_path, cfg, sessions, ctx = setup
+    if not cfg.resolved_database_url.startswith("sqlite"):
+        pytest.skip("the process test runs once, on SQLite")
     store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
     enqueue_all(sessions)
     log_path = tmp_path / "worker.log"
@@ -273,4 +282,74 @@ def test_worker_process_stops_on_sigterm(setup, tmp_path):
             proc.wait()
     log = log_path.read_text()
     assert "classified" in log and "stopped" in log
+    assert count(sessions, SliceResult) == 10
+
+
+def test_node_with_its_worker_classifies_a_series_received_over_dimse(setup, tmp_path):
+    """`dicomnode serve` (worker thread on) + DCMTK storescu: received -> stable -> classified."""
+    config_path, cfg, sessions, _ = setup
+    if not cfg.resolved_database_url.startswith("sqlite"):
+        pytest.skip("the end-to-end node test runs once, on SQLite")
+    if not CHEST.exists():
+        pytest.skip(f"shared data {CHEST} not present")
+    port = free_port()
+    data = yaml.safe_load(config_path.read_text())
+    data.update({"port": port, "stable_age_s": 1.0, "stability_check_interval_s": 0.2})
+    data["listener"]["processes"] = 1
+    config_path.write_text(yaml.safe_dump(data))
+    log_path = tmp_path / "node.log"
+    node = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config_path)],
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_echo(port, 60)
+        sent = subprocess.run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), "+sd", str(CHEST)],
+                              capture_output=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with sessions() as s:
+                series = s.scalars(select(Series)).first()
+            if series is not None and series.classification_state in ("done", "failed", "skipped"):
+                break
+            time.sleep(0.2)
+        assert series is not None and series.classification_state == "done", log_path.read_text()
+    finally:
+        node.send_signal(signal.SIGINT)
+        try:
+            assert node.wait(30) == 0
+        finally:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert count(sessions, SliceResult) == 30
+    assert series.body_parts and series.model_version.startswith("untrained-test-model")
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_a_stopping_worker_gives_its_job_back(setup):
+    _, cfg, sessions, ctx = setup
+    store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
+    enqueue_all(sessions)
+    state = state_for(cfg, sessions)
+    state.stop.set()  # asked to stop while it holds the job
+    assert worker.process_next(state) == "queued"
+    job = job_rows(sessions)[0]
+    assert job.state == "queued" and job.attempts == 0 and job.lease_owner == ""
+    assert count(sessions, SliceResult) == 0
+    state.stop.clear()
+    assert worker.process_next(state_for(cfg, sessions, "another")) == "done"
+
+
+def test_a_worker_that_lost_its_lease_writes_nothing(setup):
+    _, cfg, sessions, ctx = setup
+    store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
+    enqueue_all(sessions)
+    job = jobs.claim_next(sessions, "slow-worker", 0.01)  # a lease that expires at once
+    time.sleep(0.05)
+    other = jobs.claim_next(sessions, "fast-worker", 60)  # another worker takes the job over
+    assert other is not None and other.id == job.id
+    state = state_for(cfg, sessions, "slow-worker")
+    assert worker.process_job(state, job) == "lost"  # the slow worker's results are dropped
+    assert count(sessions, SliceResult) == 0
+    assert job_rows(sessions)[0].lease_owner == "fast-worker"
+    assert worker.process_job(state_for(cfg, sessions, "fast-worker"), other) == "done"
     assert count(sessions, SliceResult) == 10

@@ -1,0 +1,320 @@
+"""Classify every slice of a series and find its region ranges: the pipeline of the worker and ``dicomnode classify``.
+
+read + decode (pydicom, :mod:`dicomnode.imaging.pixels`) + preprocess (:mod:`dicomnode.imaging.preprocess`)
+run batch by batch in a thread pool, a few batches ahead of the inference that runs in the calling thread,
+so decoding overlaps inference. Only the batches in flight are held in memory (``batch_size`` x
+(``readers`` + ``prefetch``) slices), never the whole float volume, so a 2,000-slice series needs no more
+memory than a 50-slice one. The probabilities (N x 5 floats) are kept; then :mod:`dicomnode.regions`
+decodes the ordered ranges.
+
+The result (:class:`SeriesClassification`) is plain data; :meth:`SeriesClassification.to_dict` gives the
+JSON of ``dicomnode classify --json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pydicom
+
+from dicomnode.imaging.pixels import dataset_to_hu, pixel_spacing_mm
+from dicomnode.imaging.series import SeriesError, SeriesPlan, SliceHeader, group_series, plan_series
+from dicomnode.regions import CLASS_ORDER, DecodeParams, decode_regions
+
+log = logging.getLogger("dicomnode.classify")
+
+#: Width (pixels) of the coronal reformat kept for ``--plot``.
+CORONAL_WIDTH = 256
+
+
+class Cancelled(RuntimeError):
+    """The caller asked the pipeline to stop (worker shutdown or lease lost)."""
+
+
+@dataclass
+class StageTimings:
+    """Seconds spent per stage. read/preprocess are summed over the reader threads (they overlap)."""
+
+    headers_s: float = 0.0
+    read_decode_s: float = 0.0
+    preprocess_s: float = 0.0
+    infer_s: float = 0.0
+    wait_s: float = 0.0  # inference thread waiting for decoded batches
+    regions_s: float = 0.0
+    store_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.__dict__.items()}
+
+    def dominant(self) -> str:
+        """Name of the stage that took longest (of read/decode, preprocess, infer, regions, store)."""
+        stages = {"read_decode": self.read_decode_s, "preprocess": self.preprocess_s, "infer": self.infer_s,
+                  "regions": self.regions_s, "store": self.store_s, "headers": self.headers_s}
+        return max(stages, key=stages.get)
+
+
+@dataclass
+class SliceOutcome:
+    """One classified slice, in anatomical order (position 0 = top)."""
+
+    position: int
+    sop_instance_uid: str
+    instance_number: int | None
+    z_mm: float | None
+    probabilities: dict[str, float]
+    predicted: str  # argmax class
+    region: str  # decoded region (Viterbi path)
+    regions: tuple[str, ...]  # decoded region(s); two at a shared transition
+    frame: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"sop_instance_uid": self.sop_instance_uid, "instance_number": self.instance_number,
+             "z_mm": _round(self.z_mm), "position": self.position,
+             "probabilities": {k: round(v, 5) for k, v in self.probabilities.items()},
+             "predicted": self.predicted, "region": self.region, "regions": list(self.regions)}
+        if self.frame is not None:
+            d["frame"] = self.frame
+        return d
+
+
+@dataclass
+class RegionOutcome:
+    """One contiguous region range of a series."""
+
+    region: str
+    body_part: str
+    first_position: int
+    last_position: int
+    first_instance: int | None
+    last_instance: int | None
+    first_sop_instance_uid: str
+    last_sop_instance_uid: str
+    z_start_mm: float | None
+    z_end_mm: float | None
+    n_slices: int
+    mean_probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["z_start_mm"], d["z_end_mm"] = _round(self.z_start_mm), _round(self.z_end_mm)
+        d["mean_probability"] = round(self.mean_probability, 5)
+        return d
+
+
+@dataclass
+class SeriesClassification:
+    """Everything known about one series after classification (or why it was not classified)."""
+
+    series_instance_uid: str
+    status: str  # classified | skipped | failed
+    reason: str = ""
+    model_version: str = ""
+    n_slices: int = 0
+    order_source: str = ""
+    notes: list[str] = field(default_factory=list)
+    regions: list[RegionOutcome] = field(default_factory=list)
+    slices: list[SliceOutcome] = field(default_factory=list)
+    timings: StageTimings = field(default_factory=StageTimings)
+    coronal: np.ndarray | None = None  # (N, CORONAL_WIDTH) HU, top -> bottom, when asked for
+
+    @property
+    def body_parts(self) -> list[str]:
+        """Body Part Examined terms of the regions found, in anatomical order."""
+        return [r.body_part for r in self.regions]
+
+    def to_dict(self, with_slices: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "series_instance_uid": self.series_instance_uid, "status": self.status, "n_slices": self.n_slices,
+            "model_version": self.model_version, "body_parts": self.body_parts,
+            "regions": [r.to_dict() for r in self.regions],
+        }
+        if self.reason:
+            d["reason"] = self.reason
+        if self.notes:
+            d["notes"] = list(self.notes)
+        if self.order_source:
+            d["order_source"] = self.order_source
+        d["timings_s"] = self.timings.to_dict()
+        if with_slices:
+            d["slices"] = [s.to_dict() for s in self.slices]
+        return d
+
+
+def _round(v: float | None, nd: int = 3) -> float | None:
+    return None if v is None else round(float(v), nd)
+
+
+def configure_torch(threads: int = 0) -> int:
+    """Set torch's intra-op threads (0 = one per core); returns the number set."""
+    import torch
+
+    n = threads if threads > 0 else max(1, os.cpu_count() or 1)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def _read_slice(header: SliceHeader) -> tuple[np.ndarray, tuple[float, float] | None]:
+    try:
+        ds = pydicom.dcmread(str(header.path))
+    except Exception as exc:
+        raise ValueError(f"{header.path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    hu = dataset_to_hu(ds, header.frame)
+    return hu, pixel_spacing_mm(ds, header.frame)
+
+
+def _coronal_line(hu: np.ndarray) -> np.ndarray:
+    """The middle row of a display-oriented slice (anterior-posterior centre), resampled to CORONAL_WIDTH."""
+    row = hu[hu.shape[0] // 2]
+    x = np.linspace(0, len(row) - 1, CORONAL_WIDTH)
+    return np.interp(x, np.arange(len(row)), row).astype(np.float32)
+
+
+def _prepare_batch(headers: list[SliceHeader], params, keep_coronal: bool):
+    """Read, decode and preprocess one batch (runs in a reader thread)."""
+    from dicomnode.imaging.preprocess import preprocess_batch
+
+    t0 = time.perf_counter()
+    items, lines = [], []
+    for h in headers:
+        hu, spacing = _read_slice(h)
+        items.append((hu, spacing))
+        if keep_coronal:
+            lines.append(_coronal_line(hu))
+    t1 = time.perf_counter()
+    x = preprocess_batch(items, params)
+    t2 = time.perf_counter()
+    return x, lines, t1 - t0, t2 - t1
+
+
+def infer_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 2, prefetch: int = 2,
+               keep_coronal: bool = False, cancel: threading.Event | None = None,
+               timings: StageTimings | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (N, 5) of the plan's slices in plan order, decoding overlapped with inference.
+
+    Raises ``ValueError`` naming the file when a slice does not decode, :class:`Cancelled` when ``cancel``
+    is set between batches.
+    """
+    from dicomnode.model import predict_proba
+
+    timings = timings or StageTimings()
+    slices = plan.slices
+    n = len(slices)
+    batch_size = max(1, int(batch_size))
+    batches = [slices[i:i + batch_size] for i in range(0, n, batch_size)]
+    probs = np.zeros((n, len(model.classes)), dtype=np.float32)
+    coronal = np.zeros((n, CORONAL_WIDTH), dtype=np.float32) if keep_coronal else None
+    in_flight: deque[Future] = deque()
+    readers = max(1, int(readers))
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="dicomnode-read") as pool:
+        next_batch = 0
+        try:
+            for b in range(len(batches)):
+                while next_batch < len(batches) and len(in_flight) < readers + prefetch:
+                    in_flight.append(pool.submit(_prepare_batch, batches[next_batch], model.preprocess, keep_coronal))
+                    next_batch += 1
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("classification cancelled")
+                t0 = time.perf_counter()
+                x, lines, t_read, t_prep = in_flight.popleft().result()
+                t1 = time.perf_counter()
+                p = predict_proba(model, x)
+                t2 = time.perf_counter()
+                start = b * batch_size
+                probs[start:start + len(p)] = p
+                if coronal is not None:
+                    coronal[start:start + len(lines)] = np.stack(lines)
+                timings.wait_s += t1 - t0
+                timings.infer_s += t2 - t1
+                timings.read_decode_s += t_read
+                timings.preprocess_s += t_prep
+        finally:
+            for fut in in_flight:
+                fut.cancel()
+    return probs, coronal
+
+
+def classify_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 2, prefetch: int = 2,
+                  keep_coronal: bool = False, cancel: threading.Event | None = None,
+                  decode: DecodeParams | None = None, timings: StageTimings | None = None) -> SeriesClassification:
+    """Classify an in-scope plan: per-slice probabilities, decoded regions and ranges."""
+    from dicomnode.model import BODY_PARTS
+
+    if tuple(model.classes) != CLASS_ORDER:
+        raise ValueError(f"model {model.version}: classes {tuple(model.classes)} are not the anatomical order "
+                         f"{CLASS_ORDER} that region decoding needs")
+    timings = timings or StageTimings()
+    t0 = time.perf_counter()
+    result = SeriesClassification(plan.series_instance_uid, "classified", model_version=model.version,
+                                  n_slices=len(plan.slices), order_source=plan.order_source, notes=list(plan.notes),
+                                  timings=timings)
+    probs, coronal = infer_plan(plan, model, batch_size, readers, prefetch, keep_coronal, cancel, timings)
+    t1 = time.perf_counter()
+    decoded = decode_regions(probs, decode, tuple(model.classes))
+    classes = tuple(model.classes)
+    for i, (h, z) in enumerate(zip(plan.slices, plan.z_mm)):
+        result.slices.append(SliceOutcome(
+            position=i, sop_instance_uid=h.sop_instance_uid, instance_number=h.instance_number, z_mm=z,
+            probabilities={c: float(probs[i, k]) for k, c in enumerate(classes)},
+            predicted=classes[int(np.argmax(probs[i]))], region=classes[decoded.path[i]],
+            regions=decoded.members[i], frame=h.frame))
+    for span in decoded.spans:
+        first, last = plan.slices[span.first], plan.slices[span.last]
+        result.regions.append(RegionOutcome(
+            region=span.region, body_part=BODY_PARTS.get(span.region, span.region.upper()),
+            first_position=span.first, last_position=span.last, first_instance=first.instance_number,
+            last_instance=last.instance_number, first_sop_instance_uid=first.sop_instance_uid,
+            last_sop_instance_uid=last.sop_instance_uid, z_start_mm=plan.z_mm[span.first],
+            z_end_mm=plan.z_mm[span.last], n_slices=span.n_slices, mean_probability=span.mean_probability))
+    result.coronal = coronal
+    timings.regions_s += time.perf_counter() - t1
+    timings.total_s += time.perf_counter() - t0
+    return result
+
+
+def classify_paths(paths: Iterable[str | os.PathLike[str]], model, min_slices: int = 1, batch_size: int = 32,
+                   readers: int = 2, keep_coronal: bool = False,
+                   decode: DecodeParams | None = None) -> tuple[list[SeriesClassification], list[str]]:
+    """Classify every series found under ``paths`` (files or folders); returns (results, file problems).
+
+    A series out of scope comes back ``skipped`` with its reason; one that fails (inconsistent geometry,
+    undecodable slice) comes back ``failed`` with the error; neither stops the others.
+    """
+    t0 = time.perf_counter()
+    groups, problems = group_series(paths)
+    t_headers = (time.perf_counter() - t0) / max(1, len(groups))
+    results = []
+    for uid, headers in groups.items():
+        timings = StageTimings(headers_s=t_headers)
+        try:
+            plan = plan_series(headers, min_slices)
+            if not plan.in_scope:
+                log.info("series %s skipped: %s", uid, plan.skip_reason)
+                results.append(SeriesClassification(uid, "skipped", plan.skip_reason, model.version,
+                                                    len(headers), timings=timings))
+                continue
+            result = classify_plan(plan, model, batch_size, readers, keep_coronal=keep_coronal, decode=decode,
+                                   timings=timings)
+            log.info("series %s: %d slices, regions %s (%.2f s)", uid, result.n_slices,
+                     " ".join(f"{r.region}[{r.first_position}-{r.last_position}]" for r in result.regions) or "-",
+                     timings.total_s)
+            results.append(result)
+        except (SeriesError, ValueError) as exc:
+            log.warning("series %s failed: %s", uid, exc)
+            results.append(SeriesClassification(uid, "failed", str(exc), model.version, len(headers),
+                                                timings=timings))
+    return results, problems
+
+
+def results_to_json(results: list[SeriesClassification], with_slices: bool = True) -> dict[str, Any]:
+    """The ``{"series": [...]}`` document of ``dicomnode classify --json``."""
+    return {"series": [r.to_dict(with_slices) for r in results]}

@@ -1,0 +1,1 @@
+"""Reading CT: decoding pixels to HU in display orientation, grouping and ordering series, preprocessing."""
