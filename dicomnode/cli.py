@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="TCP port (default 11112)")
     p.add_argument("--ae-title", help="the node's AE title (default DICOMNODE)")
     p.add_argument("--stable-age", type=float, metavar="SECONDS", help="seconds without new instances before a series is stable")
-    p.add_argument("--processes", type=int, help="listener processes sharing the port (default: up to 4, one per core)")
+    p.add_argument("--processes", type=int, help="listener processes sharing the port (default: two per core, at most 4)")
     p.add_argument("--no-worker", action="store_true", help="do not run the classification worker in the node")
     p.set_defaults(func=cmd_serve)
 

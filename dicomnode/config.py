@@ -61,6 +61,7 @@ class ListenerConfig:
     duplicate_policy: Literal["keep", "replace", "reject"] = "keep"
     min_free_space_mb: int = 512
     fsync: bool = True
+    power_loss_safe: bool = False
 
 
 @dataclass

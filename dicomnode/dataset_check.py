@@ -61,13 +61,15 @@ class _Walker:
                 return pos + 8
             if tag >> 16 == 0xFFFE:
                 raise IncompleteDataset(f"unexpected delimiter {_tag_str(tag)} at byte {pos}")
-            self._need(pos, 8, f"element {_tag_str(tag)}")
+            if pos + 8 > len(self.buf):  # message built only on failure (hot loop)
+                self._need(pos, 8, f"element {_tag_str(tag)}")
             vr = buf[pos + 4:pos + 6] if self.explicit else b""
             # Some writers encode sequence items in implicit VR inside an explicit VR dataset; like
             # pydicom and DCMTK, read an element whose VR bytes are not letters as implicit VR.
             if vr and vr.isalpha() and vr.isupper():
                 if vr in _LONG_VRS:
-                    self._need(pos, 12, f"element {_tag_str(tag)}")
+                    if pos + 12 > len(self.buf):  # message built only on failure (hot loop)
+                        self._need(pos, 12, f"element {_tag_str(tag)}")
                     (length,) = struct.unpack_from(self.e + "L", buf, pos + 8)
                     pos += 12
                 else:
@@ -104,7 +106,8 @@ class _Walker:
         """Items of an undefined-length sequence, up to its sequence delimiter."""
         while True:
             item_tag = self._tag(pos)
-            self._need(pos, 8, f"item of {_tag_str(tag)}")
+            if pos + 8 > len(self.buf):  # message built only on failure (hot loop)
+                self._need(pos, 8, f"item of {_tag_str(tag)}")
             (length,) = struct.unpack_from(self.e + "L", self.buf, pos + 4)
             pos += 8
             if item_tag == _SEQ_END:
@@ -114,7 +117,8 @@ class _Walker:
             if length == _UNDEFINED:
                 pos = self.elements(pos, None, depth + 1)
             else:
-                self._need(pos, length, f"item of {_tag_str(tag)}")
+                if pos + length > len(self.buf):  # message built only on failure (hot loop)
+                    self._need(pos, length, f"item of {_tag_str(tag)}")
                 self.elements(pos, pos + length, depth + 1)
                 pos += length
 
@@ -123,7 +127,8 @@ class _Walker:
             item_tag = self._tag(pos)
             if item_tag != _ITEM:
                 raise IncompleteDataset(f"sequence {_tag_str(tag)} holds {_tag_str(item_tag)} instead of an item")
-            self._need(pos, 8, f"item of {_tag_str(tag)}")
+            if pos + 8 > len(self.buf):  # message built only on failure (hot loop)
+                self._need(pos, 8, f"item of {_tag_str(tag)}")
             (length,) = struct.unpack_from(self.e + "L", self.buf, pos + 4)
             pos += 8
             if length == _UNDEFINED:

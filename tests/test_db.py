@@ -72,7 +72,14 @@ def test_sqlite_pragmas(tmp_path):
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     engine.dispose()
+    engine = make_engine(url, sqlite_synchronous="NORMAL")  # the listeners' setting by default
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+    engine.dispose()
+    with pytest.raises(ValueError, match="sqlite_synchronous"):
+        make_engine(url, sqlite_synchronous="OFF")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -61,6 +61,13 @@ def test_replaced_instance_reopens_a_stable_series(node_ctx):
         assert s.scalar(select(Series.state)) == "receiving"
 
 
+def test_power_loss_safe_mode_stores(node_ctx):
+    node_ctx.config.listener.power_loss_safe = True  # fsync the folder after each rename
+    assert store_instance(node_ctx, SLICE.read_bytes()) == SUCCESS
+    (row,) = rows(node_ctx)
+    assert (node_ctx.storage_dir / row.path).read_bytes() == SLICE.read_bytes()
+
+
 def test_sop_class_of_request_and_dataset_must_agree(node_ctx):
     status = store_instance(node_ctx, SLICE.read_bytes(), expected_sop_class_uid="1.2.840.10008.5.1.4.1.1.4")
     assert status == DATASET_DOES_NOT_MATCH_SOP_CLASS

@@ -51,11 +51,3 @@ def test_free_space_floor(tmp_path):
     storage.check_free_space(tmp_path, 1024, 0)
     with pytest.raises(storage.OutOfSpace, match="min_free_space_mb"):
         storage.check_free_space(tmp_path, 1024, 1 << 62)
-
-
-def test_remove_partial_files(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / ".incoming-x.part").write_bytes(b"torn")
-    (tmp_path / "a" / "1.2.dcm").write_bytes(b"whole")
-    assert storage.remove_partial_files(tmp_path) == 1
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["1.2.dcm"]

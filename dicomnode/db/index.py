@@ -5,8 +5,9 @@ Nothing here knows about DICOM networking; the listener and the tests call these
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +28,10 @@ class StoredFile:
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+_INSTANCES = Instance.__table__
+_SERIES = Series.__table__
 
 
 def _get_or_create_patient(session: Session, h: InstanceHeader) -> Patient:
@@ -109,12 +114,19 @@ def index_instance_once(session: Session, header: InstanceHeader, stored: Stored
 
 
 def index_instance(factory: sessionmaker[Session], header: InstanceHeader, stored: StoredFile,
-                   attempts: int = 5) -> Outcome:
-    """Index one stored instance and commit; retried when a concurrent writer created a parent row first."""
+                   attempts: int = 5, before_commit: Callable[[], object] | None = None) -> Outcome:
+    """Index one stored instance and commit; retried when a concurrent writer created a parent row first.
+
+    ``before_commit`` (e.g. the rename of the instance's file into place) runs after the rows are
+    written and before the commit; if it raises, the transaction is rolled back.
+    """
     for attempt in range(attempts):
         session = factory()
         try:
             outcome = index_instance_once(session, header, stored)
+            if before_commit is not None:
+                session.flush()
+                before_commit()
             session.commit()
             return outcome
         except IntegrityError:
@@ -124,6 +136,128 @@ def index_instance(factory: sessionmaker[Session], header: InstanceHeader, store
         finally:
             session.close()
     raise AssertionError("unreachable")
+
+
+class _FastSQL:
+    """The three statements of the per-instance path as driver SQL, for one engine's dialect.
+
+    SQLAlchemy Core costs ~250 us per instance here (connection checkout, compile-cache lookups,
+    result objects) against ~70 us for the same statements on the driver's connection, taken from the
+    same pool. The statements are plain SQL that SQLite and PostgreSQL both accept; parameters are
+    named (``:name`` for sqlite3, ``%(name)s`` for the pyformat drivers) and datetimes go through the
+    column type's own bind processor, so rows are stored exactly as the ORM stores them.
+    """
+
+    def __init__(self, engine) -> None:
+        dialect = engine.dialect
+        p = (lambda n: f"%({n})s") if dialect.paramstyle in ("pyformat", "format") else (lambda n: f":{n}")
+        cols = ("series_fk", "sop_instance_uid", "sop_class_uid", "instance_number", "transfer_syntax_uid",
+                "path", "size_bytes", "received_at", "calling_ae_title")
+        self.exists = f"SELECT 1 FROM instances WHERE sop_instance_uid = {p('uid')} LIMIT 1"
+        self.touch = (f"UPDATE series SET last_received_at = {p('now')} "
+                      f"WHERE id = {p('series_id')} AND state = 'receiving'")
+        self.insert = (f"INSERT INTO instances ({', '.join(cols)}) "
+                       f"VALUES ({', '.join(p(c) for c in cols)})")
+        process = _INSTANCES.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
+        self.datetime = process or (lambda value: value)
+        self.integrity_error = dialect.dbapi.IntegrityError
+
+
+_FAST_SQL: dict[int, _FastSQL] = {}
+
+
+def _fast_sql(engine) -> _FastSQL:
+    fast = _FAST_SQL.get(id(engine))
+    if fast is None or fast.engine is not engine:
+        fast = _FAST_SQL[id(engine)] = _FastSQL(engine)
+        fast.engine = engine
+    return fast
+
+
+def _engine(factory: sessionmaker[Session]):
+    return factory.kw["bind"]
+
+
+def instance_exists(factory: sessionmaker[Session], sop_instance_uid: str) -> bool:
+    """True if the index holds ``sop_instance_uid`` (one indexed lookup on a pooled driver connection)."""
+    engine = _engine(factory)
+    sql = _fast_sql(engine)
+    conn = engine.raw_connection()
+    try:
+        cur = conn.cursor()
+        try:
+            cur.execute(sql.exists, {"uid": sop_instance_uid})
+            return cur.fetchone() is not None
+        finally:
+            cur.close()
+    finally:
+        conn.close()  # back to the pool (which rolls the read transaction back)
+
+
+def _index_known_series(factory: sessionmaker[Session], series_id: int, header: InstanceHeader,
+                        stored: StoredFile, before_commit: Callable[[], object] | None) -> bool:
+    """Touch the series and insert the instance in one transaction; False (rolled back) where the
+    full path must decide: the series is no longer 'receiving', or the insert conflicts."""
+    engine = _engine(factory)
+    sql = _fast_sql(engine)
+    now = sql.datetime(utcnow())
+    conn = engine.raw_connection()
+    try:
+        cur = conn.cursor()
+        try:
+            driver = conn.driver_connection
+            if isinstance(driver, sqlite3.Connection) and driver.isolation_level is None:
+                cur.execute("BEGIN")  # autocommit mode: the two statements must still be one transaction
+            cur.execute(sql.touch, {"series_id": series_id, "now": now})
+            if cur.rowcount != 1:
+                conn.rollback()
+                return False
+            cur.execute(sql.insert, {
+                "series_fk": series_id, "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid, "instance_number": header.instance_number,
+                "transfer_syntax_uid": header.transfer_syntax_uid, "path": stored.rel_path,
+                "size_bytes": stored.size_bytes, "received_at": now, "calling_ae_title": stored.calling_ae_title,
+            })
+            if before_commit is not None:
+                before_commit()
+            conn.commit()
+            return True
+        except sql.integrity_error:
+            conn.rollback()
+            return False
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            cur.close()
+    finally:
+        conn.close()
+
+
+def index_instance_cached(factory: sessionmaker[Session], header: InstanceHeader, stored: StoredFile,
+                          series_ids: dict[str, int], before_commit: Callable[[], object] | None = None) -> Outcome:
+    """:func:`index_instance` with the series row id cached per process: two statements, one commit.
+
+    With the series known (``series_ids`` maps SeriesInstanceUID to its row id, filled here), a new
+    instance costs an UPDATE of the series' ``last_received_at`` (only while it is 'receiving') and an
+    INSERT of the instance row, in one transaction. Anything else (a series not seen yet by this process,
+    a series marked stable meanwhile, a duplicate or replaced instance, a series deleted under us) takes
+    the full ORM path of :func:`index_instance`, which is what defines the behaviour.
+    ``before_commit``: as for :func:`index_instance`.
+    """
+    series_uid = header.series_instance_uid
+    series_id = series_ids.get(series_uid)
+    if series_id is not None and _index_known_series(factory, series_id, header, stored, before_commit):
+        return "new"
+    outcome = index_instance(factory, header, stored, before_commit=before_commit)
+    with factory() as session:
+        found = session.scalar(select(Series.id).where(Series.series_instance_uid == series_uid))
+    if found is not None:
+        if len(series_ids) >= 4096:  # a bounded cache: forget the oldest half
+            for key in list(series_ids)[:2048]:
+                del series_ids[key]
+        series_ids[series_uid] = found
+    return outcome
 
 
 def counts(session: Session) -> dict[str, object]:

@@ -26,18 +26,27 @@ class SchemaError(RuntimeError):
     """The database schema is not at the head revision this code expects."""
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - called by SQLAlchemy
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    # FULL: a commit is on disk before it returns (Success is answered only after the commit).
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cur.close()
+def _sqlite_pragmas(synchronous: str):
+    def apply(dbapi_conn, _record) -> None:  # pragma: no cover - called by SQLAlchemy
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.close()
+
+    return apply
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine for ``url``; for SQLite the parent folder is created and pragmas applied."""
+def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
+    """Create the engine for ``url``; for SQLite the parent folder is created and pragmas applied.
+
+    SQLite runs in WAL mode. ``sqlite_synchronous`` FULL (default) fsyncs the WAL at every commit, so a
+    commit survives a power loss; NORMAL fsyncs it only at checkpoints: a commit still survives a crash
+    of the process, but a power loss can take the last ones (Orthanc's default).
+    """
+    if sqlite_synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"sqlite_synchronous must be FULL or NORMAL, got {sqlite_synchronous!r}")
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -48,8 +57,7 @@ def make_engine(url: str) -> Engine:
             pool_size=8,
             max_overflow=16,
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
-        # Let SQLAlchemy issue BEGIN itself so that "BEGIN IMMEDIATE" can be used where needed.
+        event.listen(engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16)
 
