@@ -54,20 +54,32 @@ class WorkerState:
     owner: str
     stop: threading.Event
     _model: object | None = field(default=None, repr=False)
+    _model_stamp: tuple | None = field(default=None, repr=False)
     #: The last series this worker classified (a :class:`dicomnode.classify.SeriesClassification`, whose
     #: ``timings`` include reading the headers and storing the results); for monitoring and benchmarks.
     last_result: object | None = field(default=None, repr=False)
 
     def model(self):
-        """The classification model, loaded on first use (``model.path`` or the shipped default)."""
-        if self._model is None:
+        """The classification model (``model.path`` or the shipped default), loaded on first use and
+        loaded again when its checkpoint file was replaced (``dicomnode promote`` replaces it atomically),
+        so a promoted model is used from the next job on."""
+        from dicomnode.model import checkpoint_path
+
+        path = checkpoint_path(self.cfg.model.path or None)
+        try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None  # load_model below raises the clear error
+        if self._model is None or stamp != self._model_stamp:
             from dicomnode.classify import configure_torch
             from dicomnode.model import load_model
 
             configure_torch(self.cfg.worker.threads)
             self._model = load_model(self.cfg.model.path or None, self.cfg.worker.device)
-            log.info("worker %s loaded model %s (%s) on %s", self.owner, self._model.version,
-                     getattr(self._model, "path", ""), self._model.device)
+            self._model_stamp = stamp
+            log.info("worker %s loaded model %s (%s) on %s", self.owner, self._model.version, path,
+                     self._model.device)
         return self._model
 
 

@@ -353,3 +353,21 @@ def test_a_worker_that_lost_its_lease_writes_nothing(setup):
     assert job_rows(sessions)[0].lease_owner == "fast-worker"
     assert worker.process_job(state_for(cfg, sessions, "fast-worker"), other) == "done"
     assert count(sessions, SliceResult) == 10
+
+
+def test_a_promoted_model_is_used_from_the_next_job_on(setup, tmp_path):
+    _, cfg, sessions, _ = setup
+    model_file = tmp_path / "promoted" / "model.pt"
+    make_untrained_checkpoint(model_file, seed=1)
+    cfg.model.path = str(model_file)
+    state = state_for(cfg, sessions)
+    first = state.model()
+    assert state.model() is first  # loaded once while the file is unchanged
+    import torch
+
+    replacement = make_untrained_checkpoint(tmp_path / "candidate.pt", seed=2)
+    os.replace(replacement, model_file)  # as `dicomnode promote` installs a model: an atomic rename
+    second = state.model()
+    assert second is not first
+    weights = [p for p in first.net.parameters()], [p for p in second.net.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(*weights))

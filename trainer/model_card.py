@@ -1,0 +1,292 @@
+"""The model card: Markdown for people, JSON for tools, written side by side next to a model.
+
+It records what the model rests on (data sources, class counts and patients per class, the split),
+how good it is (the evaluations, overall and per source, with and without augmentation as in the
+paper's Table 1) and what it cannot do (limits). Numbers come from evaluation dicts of
+:func:`trainer.evaluate.evaluate`; nothing here computes or invents a figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+DEFAULT_LIMITS = [
+    "Legs are scarce in the public data: no whole-cross-section leg slices; the leg slices are one-leg or "
+    "one-hip crops around a tumour (TCIA Soft-tissue-Sarcoma, full HU but partial field of view) or a few "
+    "8-bit key slices (DeepLesion). Expect legs to be the weakest class on a site's whole-body CT.",
+    "Pelvis and liver rest on few full-HU patients (two abdomen/pelvis volumes plus key slices); "
+    "the per-class tables above give the number of patients behind each class.",
+    "Many key slices are 8-bit, with unknown pixel spacing (preprocessing then assumes a 400 mm field of view). "
+    "They were used as HU decoded per extra/pixel_encodings.csv: 8-bit PNG -175 + v*450/255 (clipped to the "
+    "soft-tissue window), 8-bit JPEG -1024 + v*4095/255 (lossy), 16-bit PNG v - 32768 (exact); during training "
+    "a share of the full-HU slices (clip_prob) is clipped to the soft-tissue window too, so the net does not "
+    "rely on the lung and bone windows that an 8-bit key slice cannot fill.",
+    "Neck from real DICOM is scarce; most neck and lung slices come from head-and-neck radiotherapy "
+    "volumes on a coarse 128^3 grid, so one large easy source can hide weak ones: read the per-source table.",
+    "The model classifies single axial slices; scouts, reformats and slices outside the five regions "
+    "(head above the skull base, lower abdomen) were left out of training and get one of the five classes.",
+    "Mining the site's own PACS (`dicomnode mine`, then `dicomnode train`) is the way to a strong model; "
+    "this shipped model is a starting point.",
+]
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def metrics_table(metrics: Mapping[str, Any], classes: Sequence[str]) -> list[str]:
+    """Markdown lines: a per-class table (slices, patients, accuracy, AUC) of one evaluation."""
+    counts = metrics.get("class_counts", {})
+    pats = metrics.get("patients_per_class", {})
+    lines = ["| class | slices | patients | accuracy | AUC |", "|---|---:|---:|---:|---:|"]
+    for c in classes:
+        lines.append(f"| {c} | {counts.get(c, 0)} | {pats.get(c, '-')} | {_fmt(metrics['accuracy'].get(c))} | "
+                     f"{_fmt(metrics['auc'].get(c))} |")
+    lines.append(f"| **all** | {metrics['n']} | {metrics.get('patients', '-')} | "
+                 f"error **{_fmt(metrics.get('error'), 4)}** | mean **{_fmt(metrics.get('mean_auc'), 4)}** |")
+    return lines
+
+
+def _confusion_lines(metrics: Mapping[str, Any]) -> list[str]:
+    conf = metrics["confusion"]
+    cls = conf["classes"]
+    lines = ["| true \\ predicted | " + " | ".join(cls) + " |", "|---|" + "---:|" * len(cls)]
+    for name, row in zip(cls, conf["matrix"]):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return lines
+
+
+def _per_source_lines(metrics: Mapping[str, Any]) -> list[str]:
+    lines = ["| source | slices | patients | error | mean AUC |", "|---|---:|---:|---:|---:|"]
+    for src, m in sorted(metrics.get("per_source", {}).items()):
+        lines.append(f"| {src} | {m['n']} | {m.get('patients', '-')} | {_fmt(m.get('error'), 4)} | "
+                     f"{_fmt(m.get('mean_auc'), 4)} |")
+    return lines
+
+
+def render_markdown(card: Mapping[str, Any]) -> str:
+    """The Markdown text of a card dict (see :func:`write_model_card`)."""
+    classes = card["classes"]
+    out = [f"# Model card: {card['name']}", "", f"- version: `{card['version']}`"]
+    for key in ("created", "architecture", "preprocessing", "training"):
+        if card.get(key):
+            value = card[key]
+            out.append(f"- {key}: " + (f"`{json.dumps(value, sort_keys=True)}`" if isinstance(value, (dict, list))
+                                        else str(value)))
+    out += ["", "## Data"]
+    for src in card.get("data_sources", []):
+        out.append(f"- {src}")
+    if card.get("split"):
+        out += ["", "### Split", "", str(card["split"])]
+    if card.get("train_class_counts"):
+        out += ["", "### Training set", "", "| class | slices | patients |", "|---|---:|---:|"]
+        tc, tp = card["train_class_counts"], card.get("train_patients_per_class", {})
+        for c in classes:
+            out.append(f"| {c} | {tc.get(c, 0)} | {tp.get(c, '-')} |")
+    if card.get("class_balancing"):
+        augmented = (card.get("training") or {}).get("augmentation", "none") != "none"
+        how = ("each with a fresh random translation, rotation and thin-plate-spline deformation, so a scarce "
+               "class is seen in many more augmented copies (the paper's N_aug = N x N_t x N_r x N_d per class)"
+               if augmented else "without augmentation (repeated copies of the same slices)")
+        out += ["", "### Class balancing", "",
+                f"Every epoch draws the same number of slices of each class (with replacement), {how}:", "",
+                "| class | training slices | augmented samples drawn | copies per slice |", "|---|---:|---:|---:|"]
+        for c in classes:
+            b = card["class_balancing"].get(c, {})
+            out.append(f"| {c} | {b.get('slices', '-')} | {b.get('drawn', '-')} | {_fmt(b.get('copies_per_slice'), 1)} |")
+    for name, metrics in card.get("evaluations", {}).items():
+        out += ["", f"## Evaluation: {name}", ""]
+        if metrics.get("description"):
+            out += [metrics["description"], ""]
+        out += metrics_table(metrics, classes)
+        out += ["", "Per source:", ""] + _per_source_lines(metrics)
+        out += ["", "Confusion matrix:", ""] + _confusion_lines(metrics)
+    if card.get("augmentation_comparison"):
+        out += ["", "## With and without augmentation (paper Table 1 protocol)", "",
+                "| training | evaluated on | slices | error | mean AUC |", "|---|---|---:|---:|---:|"]
+        for row in card["augmentation_comparison"]:
+            out.append(f"| {row['training']} | {row['set']} | {row['n']} | {_fmt(row.get('error'), 4)} | "
+                       f"{_fmt(row.get('mean_auc'), 4)} |")
+        if card.get("augmentation_comparison_note"):
+            out += ["", str(card["augmentation_comparison_note"])]
+    out += ["", "The paper's figures (Roth et al. 2015, on their data): 5.9% error, mean AUC 0.998."]
+    if card.get("figures"):
+        out += ["", "## Figures", ""]
+        for name, path in card["figures"].items():
+            out.append(f"![{name}]({path})" if not str(path).startswith("/") else f"- {name}: `{path}`")
+            out.append("")
+    out += ["", "## Conventions", ""]
+    from trainer.evaluate import CONVENTIONS
+
+    for key, text in CONVENTIONS.items():
+        out.append(f"- {key}: {text}")
+    out += ["", "## Limits", ""] + [f"- {limit}" for limit in card.get("limits", DEFAULT_LIMITS)]
+    return "\n".join(out) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a card is for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_model_card(out_dir: str | Path, card: Mapping[str, Any], stem: str = "MODEL_CARD") -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.json`` in ``out_dir``; returns both paths.
+
+    ``card`` keys: name, version, classes (required); created, architecture, preprocessing, training,
+    data_sources (list of str), split (str), train_class_counts, train_patients_per_class,
+    evaluations {name: metrics dict}, augmentation_comparison [{training, set, n, error, mean_auc}],
+    figures {name: path}, limits (list of str; default :data:`DEFAULT_LIMITS`).
+    """
+    for key in ("name", "version", "classes"):
+        if key not in card:
+            raise ValueError(f"write_model_card: the card lacks {key!r}")
+    data = dict(card)
+    data.setdefault("limits", DEFAULT_LIMITS)
+    out = Path(out_dir)
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    _atomic_write(js, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    _atomic_write(md, render_markdown(data))
+    return md, js
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building a card from a checkpoint and evaluation JSON files
+
+
+def _data_sources(training: Mapping[str, Any]) -> list[str]:
+    data = training.get("data") or {}
+    sources = (data.get("all") or {}).get("sources") or {}
+    out = []
+    for name, s in sorted(sources.items()):
+        counts = ", ".join(f"{c} {n}" for c, n in (s.get("class_counts") or {}).items() if n)
+        out.append(f"`{name}`: {s.get('slices')} slices of {s.get('patients')} patients ({counts})")
+    for f in data.get("labels_files") or (training.get("settings") or {}).get("labels") or []:
+        out.append(f"labels file `{f}`")
+    return out
+
+
+def _split_text(training: Mapping[str, Any]) -> str:
+    split = (training.get("data") or {}).get("split") or {}
+    if not split:
+        return ""
+    return (f"patient-level split by `trainer.datasets.split_by_patient` (seed {split.get('seed')}, "
+            f"validation fraction {split.get('val_fraction')}, stratified by each patient's rarest class): "
+            f"{split.get('train_patients')} training patients, {split.get('val_patients')} validation patients, "
+            f"{split.get('shared_patients')} shared.")
+
+
+def _balancing(training: Mapping[str, Any], train_summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Per class: training slices, augmented samples drawn over the epochs run, mean copies per slice."""
+    per_class = (training.get("settings") or {}).get("per_class")
+    epochs = len(training.get("history") or [])
+    counts = train_summary.get("class_counts") or {}
+    if not per_class or not epochs or not counts:
+        return {}
+    return {c: {"slices": n, "drawn": per_class * epochs, "copies_per_slice": round(per_class * epochs / n, 1) if n else None}
+            for c, n in counts.items()}
+
+
+def build_card(model: Any, evaluations: Mapping[str, Mapping[str, Any]], name: str = "dicomnode ConvNet",
+               comparison: Sequence[Mapping[str, Any]] | None = None,
+               figures: Mapping[str, str] | None = None, limits: Sequence[str] | None = None) -> dict[str, Any]:
+    """A card dict for ``model`` (a LoadedModel) from its training record and evaluation dicts."""
+    from datetime import datetime, timezone
+
+    training = dict((model.extra or {}).get("training") or {})
+    settings = dict(training.get("settings") or {})
+    train_summary = (training.get("data") or {}).get("train") or {}
+    n_params = sum(int(p.numel()) for p in model.net.parameters())
+    card: dict[str, Any] = {
+        "name": name,
+        "version": model.version,
+        "classes": list(model.classes),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "architecture": {**model.net_config, "parameters": n_params},
+        "preprocessing": model.preprocess.to_dict(),
+        "training": {k: settings.get(k) for k in ("epochs", "per_class", "batch_size", "lr", "seed", "augmentation",
+                                                  "clip_prob", "label_smoothing", "val_fraction")
+                     if k in settings} | {"best_epoch": training.get("best_epoch")},
+        "data_sources": _data_sources(training),
+        "split": _split_text(training),
+        "train_class_counts": train_summary.get("class_counts") or {},
+        "train_patients_per_class": train_summary.get("patients_per_class") or {},
+        "class_balancing": _balancing(training, train_summary),
+        "evaluations": {k: dict(v) for k, v in evaluations.items()},
+        "augmentation_comparison": list(comparison or []),
+        "figures": dict(figures or {}),
+    }
+    if limits is not None:
+        card["limits"] = list(limits)
+    return card
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trainer.model_card``: write a card from a model and ``dicomnode evaluate --json`` files."""
+    import argparse
+
+    from dicomnode.model import load_model
+
+    ap = argparse.ArgumentParser(prog="python -m trainer.model_card", description=main.__doc__)
+    ap.add_argument("--model", help="checkpoint or run directory (default: the shipped default model)")
+    ap.add_argument("--evaluation", action="append", default=[], metavar="NAME=JSON",
+                    help="an evaluation of this model (output of dicomnode evaluate --json); repeatable")
+    ap.add_argument("--compare", action="append", default=[], metavar="TRAINING|SET=JSON",
+                    help="a row of the with/without augmentation table, e.g. 'no augmentation|held-out=x.json'")
+    ap.add_argument("--describe", action="append", default=[], metavar="NAME=TEXT",
+                    help="a sentence shown under the evaluation NAME (what the set is, what it overlaps)")
+    ap.add_argument("--compare-note", metavar="TEXT", help="a paragraph under the with/without augmentation table")
+    ap.add_argument("--name", default="dicomnode ConvNet")
+    ap.add_argument("--out", required=True, help="folder of MODEL_CARD.md and MODEL_CARD.json")
+    args = ap.parse_args(argv)
+    model = load_model(args.model, device="cpu")
+    evaluations, figures = {}, {}
+    for item in args.evaluation:
+        label, _, path = item.partition("=")
+        metrics = json.loads(Path(path).read_text())
+        evaluations[label] = metrics
+        for fig, p in (metrics.get("figures") or {}).items():
+            try:  # relative to the card, so the folder can move
+                p = str(Path(p).resolve().relative_to(Path(args.out).resolve()))
+            except ValueError:
+                pass
+            figures[f"{label}: {fig}"] = p
+    for item in args.describe:
+        label, _, text = item.partition("=")
+        if label not in evaluations:
+            ap.error(f"--describe {label!r}: no --evaluation of that name")
+        evaluations[label]["description"] = text
+    comparison = []
+    for item in args.compare:
+        label, _, path = item.partition("=")
+        training, _, set_name = label.partition("|")
+        m = json.loads(Path(path).read_text())
+        comparison.append({"training": training, "set": set_name, "n": m["n"], "error": m["error"],
+                           "mean_auc": m["mean_auc"], "model_version": m.get("model_version")})
+    card = build_card(model, evaluations, args.name, comparison, figures)
+    if args.compare_note:
+        card["augmentation_comparison_note"] = args.compare_note
+    md, js = write_model_card(args.out, card)
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
