@@ -1,0 +1,114 @@
+"""The ConvNet and its checkpoints: rebuild from the file alone, CPU inference, the shipped default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dicomnode.model.checkpoint as ckpt
+from dicomnode.imaging.pixels import read_hu
+from dicomnode.imaging.preprocess import PreprocessParams, preprocess_batch
+from dicomnode.model import (
+    BODY_PARTS,
+    CLASSES,
+    build_net,
+    load_model,
+    make_untrained_checkpoint,
+    predict_proba,
+    save_checkpoint,
+)
+from tests.conftest import CT_FIXTURES
+
+
+def test_classes_and_body_parts():
+    assert CLASSES == ("neck", "lungs", "liver", "pelvis", "legs")
+    assert BODY_PARTS == {"neck": "NECK", "lungs": "LUNG", "liver": "LIVER", "pelvis": "PELVIS", "legs": "LEG"}
+
+
+def test_build_net_shapes_features_first_conv():
+    net = build_net({"widths": [4, 8, 8, 8, 8], "input_size": 64, "fc": [12]}).eval()
+    x = torch.rand(2, 3, 64, 64)
+    assert net(x).shape == (2, 5)
+    assert net.features(x).shape == (2, 12)
+    assert net.first_conv.shape == (4, 3, 5, 5)
+    strided = build_net({"widths": [4, 8, 8, 8, 8], "strides": [2, 1, 1, 1, 1], "pools": [1, 2, 2, 2, 2],
+                         "input_size": 64})
+    assert strided(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"widths": [4, 4]}, "kernels"),
+    ({"colour": 1}, "unknown keys"),
+    ({"input_size": 8}, "too small"),
+    ({"dropout": 1.0}, "dropout"),
+])
+def test_bad_net_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        build_net(bad)
+
+
+def test_checkpoint_round_trip_rebuilds_same_outputs(tmp_path):
+    torch.manual_seed(3)
+    p = PreprocessParams(size=64, pixel_mm=6.4)
+    cfg = {"widths": [4, 8, 8, 8, 8], "input_size": 64, "fc": [16]}
+    net = build_net(cfg)
+    # train-mode statistics must travel too: touch the BatchNorm running stats
+    net.train()
+    net(torch.rand(8, 3, 64, 64))
+    net.eval()
+    path = save_checkpoint(tmp_path / "m.pt", net, cfg, p, "v-test", extra={"note": "x", "n": [1, 2]})
+    hu, spacing = read_hu(CT_FIXTURES / "series" / "dcmqi_ge_3slice" / "01.dcm")
+    x = preprocess_batch([(hu, spacing)] * 2, p)
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.from_numpy(x)), 1).numpy()
+    del net
+    m = load_model(path, device="cpu")
+    assert m.version == "v-test" and m.classes == CLASSES and m.preprocess == p
+    assert m.extra == {"note": "x", "n": [1, 2]} and not m.net.training
+    got = predict_proba(m, x)
+    assert got.dtype == np.float32 and got.shape == (2, 5)
+    assert np.allclose(got, expected, atol=1e-6)
+    assert np.allclose(got.sum(1), 1.0, atol=1e-5)
+    # a directory is read as <dir>/model.pt
+    save_checkpoint(tmp_path / "run", m.net, cfg, p, "v-dir")
+    assert load_model(tmp_path / "run", device="cpu").version == "v-dir"
+
+
+def test_untrained_model_runs_on_cpu_without_cuda(tmp_path):
+    path = make_untrained_checkpoint(tmp_path / "u.pt", seed=1)
+    m = load_model(path, device="cpu")
+    assert "untrained-test-model" in m.version and m.device.type == "cpu"
+    x = np.random.default_rng(0).random((5, m.preprocess.channels, m.preprocess.size, m.preprocess.size),
+                                        dtype=np.float32)
+    p1 = predict_proba(m, x, batch_size=2)
+    assert p1.shape == (5, 5) and np.allclose(p1, predict_proba(m, torch.from_numpy(x)), atol=1e-6)
+    with pytest.raises(ValueError, match="N, C, S, S"):
+        predict_proba(m, x[0])
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_model(junk)
+    torch.save({"format": "something-else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a dicomnode checkpoint"):
+        load_model(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_model(tmp_path / "nope.pt")
+
+
+def test_no_default_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    with pytest.raises(FileNotFoundError, match="no default model is shipped"):
+        load_model(None)
+
+
+def test_shipped_default_model_loads_and_is_not_a_placeholder():
+    if not (ckpt.DEFAULT_MODEL_DIR / ckpt.CHECKPOINT_NAME).exists():
+        pytest.skip("no default model shipped yet")
+    m = load_model(None, device="cpu")
+    assert "untrained" not in m.version
+    assert m.classes == CLASSES
+    assert (ckpt.DEFAULT_MODEL_DIR / ckpt.CHECKPOINT_NAME).stat().st_size < 8 * 1024 * 1024
