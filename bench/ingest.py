@@ -11,7 +11,9 @@ After each send the receiver's count of stored instances is checked against the 
 
 Durability of each receiver as run here (their defaults):
 - dicomnode: temp file + fsync + rename (+ folder fsync when a file is created), index row committed in
-  SQLite (WAL, synchronous=FULL) before Success; N listener processes share the port (SO_REUSEPORT).
+  SQLite (WAL, synchronous=NORMAL, as Orthanc) before Success; N listener processes accept from one socket.
+- dicomnode-powersafe: the same with ``listener.power_loss_safe: true``: a folder fsync after each rename and
+  SQLite synchronous=FULL (nothing acknowledged is lost even on power loss).
 - storescp: writes each file, no fsync; ``--fork`` runs one process per association.
 - Orthanc: SyncStorageArea=true (fsync of each file, default since 1.7.4), SQLite index, DicomThreadsCount=4.
 
@@ -43,7 +45,7 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = "/usr/sbin/Orthanc"
-RECEIVERS = ("dicomnode", "storescp", "storescp-fork", "orthanc")
+RECEIVERS = ("dicomnode", "dicomnode-powersafe", "storescp", "storescp-fork", "orthanc")
 # DCMTK (storescu, storescp, and Orthanc, built on DCMTK) read TCP_NODELAY from the environment.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -122,11 +124,15 @@ class Orthanc(Receiver):
             return int(json.load(r)["CountInstances"])
 
 
-def start_dicomnode(workdir: Path, processes: int | None) -> Receiver:
+def start_dicomnode(workdir: Path, processes: int | None, power_loss_safe: bool = False) -> Receiver:
     port = free_port()
     log_path = workdir / "dicomnode.log"
     cmd = [sys.executable, "-m", "dicomnode.cli", "serve", "--data-dir", str(workdir / "data"), "--port", str(port),
            "--no-worker", "--log-level", "INFO"]
+    if power_loss_safe:
+        config = workdir / "dicomnode.yaml"
+        config.write_text("listener:\n  power_loss_safe: true\n")
+        cmd += ["--config", str(config)]
     if processes:
         cmd += ["--processes", str(processes)]
     with open(log_path, "ab") as log:
@@ -171,8 +177,8 @@ def start_orthanc(workdir: Path) -> Receiver:
 
 
 def start_receiver(name: str, workdir: Path, processes: int | None) -> Receiver:
-    if name == "dicomnode":
-        return start_dicomnode(workdir, processes)
+    if name in ("dicomnode", "dicomnode-powersafe"):
+        return start_dicomnode(workdir, processes, power_loss_safe=name == "dicomnode-powersafe")
     if name in ("storescp", "storescp-fork"):
         return start_storescp(workdir, fork=name == "storescp-fork")
     if name == "orthanc":
@@ -243,7 +249,7 @@ def measure(name: str, files: list[Path], associations: int, processes: int | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="C-STORE ingest benchmark: dicomnode vs DCMTK storescp vs Orthanc")
     parser.add_argument("--series", type=Path, default=DEFAULT_SERIES, help="folder of the series (bench/make_series.py)")
-    parser.add_argument("--receivers", default="dicomnode,storescp,storescp-fork,orthanc",
+    parser.add_argument("--receivers", default="dicomnode,dicomnode-powersafe,storescp,storescp-fork,orthanc",
                         help=f"comma-separated, from {', '.join(RECEIVERS)}")
     parser.add_argument("--associations", default="1,4", help="comma-separated association counts (default 1,4)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per cell; the median is reported")
@@ -302,13 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{len(files)} images ({result['bytes'] / 2**20:.0f} MiB), median of {args.repeats}, "
           f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} before / {load_after[0]:.2f} after")
-    header = "receiver        " + "".join(f"{a} assoc img/s   " for a in assocs) + "".join(
+    header = "receiver            " + "".join(f"{a} assoc img/s   " for a in assocs) + "".join(
         f"CPU ms/img ({a})  " for a in assocs)
     if "dicomnode" in receivers:
         header += "".join(f"dicomnode/this ({a})  " for a in assocs)
     print(header)
     for r in receivers:
-        line = f"{r:16s}" + "".join(f"{med[(r, a)]:13.0f}     " for a in assocs) + "".join(
+        line = f"{r:20s}" + "".join(f"{med[(r, a)]:13.0f}     " for a in assocs) + "".join(
             f"{statistics.median(cpus[(r, a)]):14.2f}   " for a in assocs)
         if "dicomnode" in receivers:
             line += "".join(f"{med[('dicomnode', a)] / med[(r, a)]:17.2f}    " for a in assocs)
