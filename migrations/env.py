@@ -1,7 +1,6 @@
 """Alembic environment: run by ``dicomnode db upgrade`` (or ``alembic`` with a script_location here)."""
 
 from alembic import context
-from sqlalchemy import pool
 
 from dicomnode.db.models import Base
 from dicomnode.db.session import make_engine

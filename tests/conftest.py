@@ -156,6 +156,27 @@ def start_node_process(args: list[str], log_path: Path, env: dict | None = None)
                             env={**os.environ, **(env or {})})
 
 
+def stop_node(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Stop a node started in its own session as Ctrl-C does (SIGINT); kill its process group if it hangs.
+    Returns its exit code."""
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def shared_ct(rel: str) -> Path:
+    """A file or folder of ../shared/data/ct; skips the test where the shared data is absent."""
+    path = SHARED_DATA / "ct" / rel
+    if not path.exists():
+        pytest.skip(f"shared data {path} not present")
+    return path
+
+
 def copy_fixture(src: Path, dst: Path) -> Path:
     if src.is_dir():
         shutil.copytree(src, dst)

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import create_engine, text
 
-from conftest import SHARED_DATA, dcmtk, free_port, wait_for_echo
+from conftest import SHARED_DATA, dcmtk, free_port, stop_node, wait_for_echo
 from dicomnode.model import checkpoint_path
 
 SERIES = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # neck -> lungs -> liver, 30 slices
@@ -115,11 +113,8 @@ worker:
         assert moved.returncode == 0, moved.stderr
         assert sorted(received) == sorted(liver_in_index)
     finally:
-        node.send_signal(signal.SIGINT)
         try:
-            assert node.wait(60) == 0
+            assert stop_node(node) == 0
         finally:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
             scp.shutdown()
     assert "Traceback" not in (tmp_path / "node.log").read_text()

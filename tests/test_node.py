@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, send_files, wait_for_echo
+from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, send_files, stop_node, wait_for_echo
 from dicomnode.dataset_check import check_complete, dataset_offset
 
 SERIES_3 = CT_FIXTURES / "series" / "dcmqi_ge_3slice"
@@ -26,15 +26,6 @@ def start_node(data: Path, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "dicomnode.cli", "serve", "--data-dir", str(data), "--port", str(port), *extra],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_node(proc: subprocess.Popen, sig: int = signal.SIGINT) -> int:
-    proc.send_signal(sig)
-    try:
-        return proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def status(data: Path) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import CT_FIXTURES, SHARED_DATA
+from conftest import CT_FIXTURES, shared_ct
 from dicomnode.imaging.pixels import (
     dataset_to_hu,
     display_turn,
@@ -19,14 +19,6 @@ from dicomnode.imaging.pixels import (
 )
 
 FIXTURE_FILES = sorted(CT_FIXTURES.glob("**/*.dcm"))
-SHARED_CT = SHARED_DATA / "ct"
-
-
-def shared(rel: str):
-    p = SHARED_CT / rel
-    if not p.exists():
-        pytest.skip(f"shared data {p} not present")
-    return p
 
 
 def test_fixtures_cover_the_transfer_syntaxes():
@@ -62,7 +54,7 @@ def test_lossless_syntaxes_decode_identically():
 
 def test_j2k_series_equals_the_uncompressed_series():
     j2k_dir = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
-    raw_dir = shared("series/lungpetctdx_a0001_philips_upper_abdomen_kernelB")
+    raw_dir = shared_ct("series/lungpetctdx_a0001_philips_upper_abdomen_kernelB")
     files = sorted(j2k_dir.glob("*.dcm"))
     assert len(files) == 10
     for f in files:
@@ -75,8 +67,8 @@ def test_j2k_series_equals_the_uncompressed_series():
 
 def test_j2k_signedness_mismatch_is_corrected():
     # Same coronal image: SIZ0 has a signed dataset with an unsigned codestream, SIZ1 the reverse.
-    a = read_hu(shared("slices/toshiba_j2k_pelvis_coronal_siz0.dcm"))[0]
-    b = read_hu(shared("slices/toshiba_j2k_pelvis_coronal_siz1.dcm"))[0]
+    a = read_hu(shared_ct("slices/toshiba_j2k_pelvis_coronal_siz0.dcm"))[0]
+    b = read_hu(shared_ct("slices/toshiba_j2k_pelvis_coronal_siz1.dcm"))[0]
     np.testing.assert_array_equal(a, b)
     assert a.min() == -2048 and np.median(a) < 0  # padding and soft tissue, not 16-bit noise
 
@@ -115,7 +107,7 @@ def test_orientation_turns_the_image(iop, expect):
 
 def test_real_flipped_orientation_comes_out_spine_down():
     # Pancreas-CT slice stored with IOP [1,0,0,0,-1,0]: rows run posterior -> anterior in the file.
-    ds = pydicom.dcmread(shared("slices/pancreasct_upper_abdomen_j2k.dcm"))
+    ds = pydicom.dcmread(shared_ct("slices/pancreasct_upper_abdomen_j2k.dcm"))
     assert [round(float(v)) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, -1, 0]
     stored = ds.pixel_array.astype(np.float32) + float(ds.RescaleIntercept)
     hu = dataset_to_hu(ds)
@@ -128,7 +120,7 @@ def test_real_flipped_orientation_comes_out_spine_down():
 
 
 def test_slice_normal_of_the_tilted_series():
-    ds = pydicom.dcmread(shared("series/dcmqa_ge_head_tilt/09.dcm"), stop_before_pixels=True)
+    ds = pydicom.dcmread(shared_ct("series/dcmqa_ge_head_tilt/09.dcm"), stop_before_pixels=True)
     n = slice_normal(ds)
     assert abs(np.linalg.norm(n) - 1) < 1e-9
     assert 18 < np.degrees(np.arccos(abs(n[2]))) < 19  # GantryDetectorTilt +18.5
@@ -136,7 +128,7 @@ def test_slice_normal_of_the_tilted_series():
 
 def test_undecodable_data_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="ctimage_jpeg_progressive_55_retired.dcm.*transfer syntax"):
-        read_hu(shared("slices/ctimage_jpeg_progressive_55_retired.dcm"))
+        read_hu(shared_ct("slices/ctimage_jpeg_progressive_55_retired.dcm"))
     bad = tmp_path / "truncated.dcm"
     data = (CT_FIXTURES / "slices" / "ctimage_jpeg_lossless_57.dcm").read_bytes()
     bad.write_bytes(data[: len(data) - 20000])

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import CT_FIXTURES, SHARED_DATA
+from conftest import CT_FIXTURES, shared_ct
 from dicomnode.imaging.series import (
     SeriesError,
     group_series,
@@ -17,14 +17,6 @@ from dicomnode.imaging.series import (
     scope_reason,
 )
 
-SHARED_CT = SHARED_DATA / "ct"
-
-
-def shared(rel: str):
-    p = SHARED_CT / rel
-    if not p.exists():
-        pytest.skip(f"shared data {p} not present")
-    return p
 
 
 def headers_of(folder):
@@ -32,7 +24,7 @@ def headers_of(folder):
 
 
 def test_tilted_series_with_spacing_change_is_ordered_by_position():
-    headers = headers_of(shared("series/dcmqa_ge_head_tilt"))
+    headers = headers_of(shared_ct("series/dcmqa_ge_head_tilt"))
     rng = random.Random(3)
     # Shuffle the files and scramble InstanceNumber: the order must come from the geometry alone.
     numbers = list(range(len(headers)))
@@ -49,7 +41,7 @@ def test_tilted_series_with_spacing_change_is_ordered_by_position():
 
 
 def test_instance_number_is_only_a_fallback():
-    headers = headers_of(shared("series/lungpetctdx_a0002_siemens_chest"))
+    headers = headers_of(shared_ct("series/lungpetctdx_a0002_siemens_chest"))
     no_position = [dataclasses.replace(h, position=None) for h in reversed(headers)]
     plan = plan_series(no_position, min_slices=5)
     assert plan.order_source == "instance_number"
@@ -60,7 +52,7 @@ def test_instance_number_is_only_a_fallback():
 
 
 def test_feet_first_order_still_runs_head_to_feet():
-    plan = plan_series(headers_of(shared("series/lungpetctdx_a0002_siemens_chest"))[::-1], min_slices=5)
+    plan = plan_series(headers_of(shared_ct("series/lungpetctdx_a0002_siemens_chest"))[::-1], min_slices=5)
     assert plan.z_mm[0] == 312.0 and plan.z_mm[-1] == 80.0
     assert plan.slices[0].instance_number == 1
 
@@ -81,7 +73,7 @@ def test_fixture_scouts_are_skipped(rel, reason):
     ("slices/ge_optima_lumbar_spine.dcm", "1 slice(s), fewer than worker.min_slices=5"),
 ])
 def test_shared_out_of_scope_images_are_skipped_with_a_reason(rel, reason):
-    plan = plan_series(read_headers(shared(rel)), min_slices=5)
+    plan = plan_series(read_headers(shared_ct(rel)), min_slices=5)
     assert not plan.in_scope
     assert reason in plan.skip_reason
 
@@ -93,18 +85,18 @@ def test_other_scope_rules():
     assert scope_reason([dataclasses.replace(h, modality="MR") for h in headers], 3) == "modality MR is not CT"
     tiny = [dataclasses.replace(h, rows=32, columns=32) for h in headers]
     assert "too small" in scope_reason(tiny, 3)
-    tilted = headers_of(shared("series/dcmqa_ge_head_tilt"))  # 18.5 degrees of gantry tilt is still axial
+    tilted = headers_of(shared_ct("series/dcmqa_ge_head_tilt"))  # 18.5 degrees of gantry tilt is still axial
     assert scope_reason(tilted, 5) == ""
     assert scope_reason([], 1) == "series has no images"
 
 
 def test_inconsistent_geometry_fails_with_a_reason():
-    chest = headers_of(shared("series/lungpetctdx_a0002_siemens_chest"))
+    chest = headers_of(shared_ct("series/lungpetctdx_a0002_siemens_chest"))
     uid = chest[0].series_instance_uid
     small = read_headers(CT_FIXTURES / "slices" / "pydicom_ct_small.dcm")[0]
     with pytest.raises(SeriesError, match=r"mixed image sizes in one series: 512x512 \(30 slices\), 128x128 \(1"):
         plan_series(chest + [dataclasses.replace(small, series_instance_uid=uid)], 5)
-    tilt = read_headers(shared("series/dcmqa_ge_head_tilt/09.dcm"))[0]
+    tilt = read_headers(shared_ct("series/dcmqa_ge_head_tilt/09.dcm"))[0]
     with pytest.raises(SeriesError, match="09.dcm .*ImageOrientationPatient"):
         plan_series(chest + [dataclasses.replace(tilt, series_instance_uid=uid)], 5)
     twin = dataclasses.replace(chest[4], sop_instance_uid=chest[4].sop_instance_uid + ".9")

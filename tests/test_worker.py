@@ -17,7 +17,7 @@ import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, wait_for_echo
+from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, stop_node, wait_for_echo
 from dicomnode import jobs, worker
 from dicomnode.config import load_config
 from dicomnode.db.models import Job, RegionRange, Series, SliceResult, utcnow
@@ -314,12 +314,7 @@ def test_node_with_its_worker_classifies_a_series_received_over_dimse(setup, tmp
             time.sleep(0.2)
         assert series is not None and series.classification_state == "done", log_path.read_text()
     finally:
-        node.send_signal(signal.SIGINT)
-        try:
-            assert node.wait(30) == 0
-        finally:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
+        assert stop_node(node, 30) == 0
     assert count(sessions, SliceResult) == 30
     assert series.body_parts and series.model_version.startswith("untrained-test-model")
     assert "Traceback" not in log_path.read_text()
