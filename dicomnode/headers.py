@@ -29,6 +29,9 @@ _TRANSFER_SYNTAX_TAG = 0x00020010
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
 
+_INT_KEYWORDS = {"SeriesNumber", "InstanceNumber"}
+_UID_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
+
 
 class UndecodableDataset(ValueError):
     """The bytes a peer sent are not a dataset pydicom can parse."""
@@ -81,29 +84,46 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
 
 def header_from_dataset(ds: pydicom.Dataset, transfer_syntax_uid: str) -> InstanceHeader:
     """Build an :class:`InstanceHeader` from a dataset, validating the four UIDs (``InvalidUID``)."""
+    values: dict[str, object] = {}
+    for keyword in _TAGS:
+        if keyword in _UID_KEYWORDS:
+            values[keyword] = ds.get(keyword)
+        elif keyword in _INT_KEYWORDS:
+            values[keyword] = _int(ds, keyword)
+        else:
+            values[keyword] = _text(ds, keyword)
+    return header_from_values(values, transfer_syntax_uid)
+
+
+def header_from_values(values: dict[str, object], transfer_syntax_uid: str) -> InstanceHeader:
+    """Build an :class:`InstanceHeader` from decoded values by keyword (UIDs validated, ``InvalidUID``)."""
+
+    def text(keyword: str) -> str:
+        return str(values.get(keyword) or "")
+
     return InstanceHeader(
-        sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOPClassUID"),
-        sop_instance_uid=validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-        study_instance_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-        series_instance_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        sop_class_uid=validate_uid(values.get("SOPClassUID"), "SOPClassUID"),
+        sop_instance_uid=validate_uid(values.get("SOPInstanceUID"), "SOPInstanceUID"),
+        study_instance_uid=validate_uid(values.get("StudyInstanceUID"), "StudyInstanceUID"),
+        series_instance_uid=validate_uid(values.get("SeriesInstanceUID"), "SeriesInstanceUID"),
         transfer_syntax_uid=transfer_syntax_uid,
-        specific_character_set=_text(ds, "SpecificCharacterSet"),
-        patient_id=_text(ds, "PatientID"),
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_text(ds, "PatientBirthDate")[:8],
-        patient_sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate")[:8],
-        study_time=_text(ds, "StudyTime"),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_id=_text(ds, "StudyID"),
-        study_description=_text(ds, "StudyDescription"),
-        referring_physician_name=_text(ds, "ReferringPhysicianName"),
-        modality=_text(ds, "Modality"),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part_examined=_text(ds, "BodyPartExamined"),
-        instance_number=_int(ds, "InstanceNumber"),
+        specific_character_set=text("SpecificCharacterSet"),
+        patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"),
+        patient_name=text("PatientName"),
+        patient_birth_date=text("PatientBirthDate")[:8],
+        patient_sex=text("PatientSex"),
+        study_date=text("StudyDate")[:8],
+        study_time=text("StudyTime"),
+        accession_number=text("AccessionNumber"),
+        study_id=text("StudyID"),
+        study_description=text("StudyDescription"),
+        referring_physician_name=text("ReferringPhysicianName"),
+        modality=text("Modality"),
+        series_number=values.get("SeriesNumber"),
+        series_description=text("SeriesDescription"),
+        body_part_examined=text("BodyPartExamined"),
+        instance_number=values.get("InstanceNumber"),
     )
 
 
@@ -143,8 +163,6 @@ def read_header(encoded: bytes) -> InstanceHeader:
 
 
 _KEYWORD_OF = {tag_for_keyword(k): k for k in _TAGS}
-_INT_KEYWORDS = {"SeriesNumber", "InstanceNumber"}
-_UID_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
 
 
 def _header_from_ascii(raw: dict, ts: str) -> InstanceHeader | None:
@@ -170,31 +188,7 @@ def _header_from_ascii(raw: dict, ts: str) -> InstanceHeader | None:
             values[keyword] = int(text) if text else None
         else:
             values[keyword] = text.rstrip("\x00").strip()
-    text = lambda k: values.get(k) or ""  # noqa: E731
-    return InstanceHeader(
-        sop_class_uid=validate_uid(values.get("SOPClassUID"), "SOPClassUID"),
-        sop_instance_uid=validate_uid(values.get("SOPInstanceUID"), "SOPInstanceUID"),
-        study_instance_uid=validate_uid(values.get("StudyInstanceUID"), "StudyInstanceUID"),
-        series_instance_uid=validate_uid(values.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-        transfer_syntax_uid=ts,
-        specific_character_set=text("SpecificCharacterSet"),
-        patient_id=text("PatientID"),
-        issuer_of_patient_id=text("IssuerOfPatientID"),
-        patient_name=text("PatientName"),
-        patient_birth_date=text("PatientBirthDate")[:8],
-        patient_sex=text("PatientSex"),
-        study_date=text("StudyDate")[:8],
-        study_time=text("StudyTime"),
-        accession_number=text("AccessionNumber"),
-        study_id=text("StudyID"),
-        study_description=text("StudyDescription"),
-        referring_physician_name=text("ReferringPhysicianName"),
-        modality=text("Modality"),
-        series_number=values.get("SeriesNumber"),
-        series_description=text("SeriesDescription"),
-        body_part_examined=text("BodyPartExamined"),
-        instance_number=values.get("InstanceNumber"),
-    )
+    return header_from_values(values, ts)
 
 
 def _scan_header(encoded: bytes) -> tuple[dict, str, int] | None:
