@@ -16,8 +16,10 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_UNDEFINED = 0xFFFFFFFF
+#: VRs whose explicit encoding has a 4-byte length (after 2 reserved bytes).
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_TRANSFER_SYNTAX_TAG = 0x00020010
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
@@ -67,7 +69,7 @@ class _Walker:
             # Some writers encode sequence items in implicit VR inside an explicit VR dataset; like
             # pydicom and DCMTK, read an element whose VR bytes are not letters as implicit VR.
             if vr and vr.isalpha() and vr.isupper():
-                if vr in _LONG_VRS:
+                if vr in LONG_VRS:
                     if pos + 12 > len(self.buf):  # message built only on failure (hot loop)
                         self._need(pos, 12, f"element {_tag_str(tag)}")
                     (length,) = struct.unpack_from(self.e + "L", buf, pos + 8)
@@ -79,7 +81,7 @@ class _Walker:
                 vr = b""
                 (length,) = struct.unpack_from(self.e + "L", buf, pos + 4)
                 pos += 8
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 if tag == 0x7FE00010:
                     pos = self.fragments(pos, tag)
                 else:  # SQ, or UN/implicit with undefined length: a sequence of items
@@ -114,7 +116,7 @@ class _Walker:
                 return pos
             if item_tag != _ITEM:
                 raise IncompleteDataset(f"sequence {_tag_str(tag)} holds {_tag_str(item_tag)} instead of an item")
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 pos = self.elements(pos, None, depth + 1)
             else:
                 if pos + length > len(self.buf):  # message built only on failure (hot loop)
@@ -131,7 +133,7 @@ class _Walker:
                 self._need(pos, 8, f"item of {_tag_str(tag)}")
             (length,) = struct.unpack_from(self.e + "L", self.buf, pos + 4)
             pos += 8
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 pos = self.elements(pos, None, depth + 1)
             else:
                 if pos + length > end:
@@ -148,7 +150,7 @@ class _Walker:
             pos += 8
             if item_tag == _SEQ_END:
                 return pos
-            if item_tag != _ITEM or length == _UNDEFINED:
+            if item_tag != _ITEM or length == UNDEFINED_LENGTH:
                 raise IncompleteDataset(f"encapsulated pixel data holds {_tag_str(item_tag)} at byte {pos - 8}")
             self._need(pos, length, "pixel data fragment")
             pos += length
@@ -168,22 +170,34 @@ def check_complete(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Non
         raise IncompleteDataset(f"{len(buf) - end} stray bytes after the last element")
 
 
-def dataset_offset(part10: bytes | memoryview) -> int:
-    """Byte offset of the dataset in a Part 10 stream: after preamble, 'DICM' and the group 0002 elements."""
+def file_meta_info(part10: bytes | memoryview) -> tuple[int, str]:
+    """(byte offset of the dataset, Transfer Syntax UID) of a Part 10 stream: one walk over the
+    preamble, 'DICM' and the group 0002 elements (always explicit VR little endian)."""
     if len(part10) < 132 or bytes(part10[128:132]) != b"DICM":
         raise IncompleteDataset("no DICM prefix: not a Part 10 stream")
     pos = 132
+    syntax = ""
     while pos + 8 <= len(part10):
-        group = struct.unpack_from("<H", part10, pos)[0]
+        group, elem = struct.unpack_from("<HH", part10, pos)
         if group != 0x0002:
-            return pos
+            return pos, syntax
         vr = bytes(part10[pos + 4:pos + 6])
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if pos + 12 > len(part10):
                 break
-            pos += 12 + struct.unpack_from("<L", part10, pos + 8)[0]
+            length = struct.unpack_from("<L", part10, pos + 8)[0]
+            pos += 12
         else:
-            pos += 8 + struct.unpack_from("<H", part10, pos + 6)[0]
+            length = struct.unpack_from("<H", part10, pos + 6)[0]
+            pos += 8
+        if (group << 16 | elem) == _TRANSFER_SYNTAX_TAG:
+            syntax = bytes(part10[pos:pos + length]).decode("ascii", "replace").rstrip("\x00 ")
+        pos += length
     if pos == len(part10):
-        return pos
+        return pos, syntax
     raise IncompleteDataset("file meta information is truncated")
+
+
+def dataset_offset(part10: bytes | memoryview) -> int:
+    """Byte offset of the dataset in a Part 10 stream: after preamble, 'DICM' and the group 0002 elements."""
+    return file_meta_info(part10)[0]

@@ -11,8 +11,18 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
 
-from dicomnode.dataset_check import DEFLATED, EXPLICIT_BE, IMPLICIT_LE, IncompleteDataset, _Walker, check_complete, \
-    dataset_offset
+from dicomnode.dataset_check import (
+    DEFLATED,
+    EXPLICIT_BE,
+    IMPLICIT_LE,
+    LONG_VRS,
+    UNDEFINED_LENGTH,
+    IncompleteDataset,
+    _Walker,
+    check_complete,
+    dataset_offset,
+    file_meta_info,
+)
 from dicomnode.storage import validate_uid
 
 # Tags read from the header; pixel data and everything after it is never parsed.
@@ -25,9 +35,6 @@ _TAGS = [
 
 _TAG_NUMBERS = frozenset(tag_for_keyword(k) for k in _TAGS)
 _LAST_TAG = max(_TAG_NUMBERS)
-_TRANSFER_SYNTAX_TAG = 0x00020010
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
 
 _INT_KEYWORDS = {"SeriesNumber", "InstanceNumber"}
 _UID_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
@@ -196,20 +203,7 @@ def _scan_header(encoded: bytes) -> tuple[dict, str, int] | None:
 
     Returns None where the full parser must decide (big endian, deflate, no transfer syntax).
     """
-    offset = dataset_offset(encoded)
-    ts = ""
-    pos = 132
-    while pos < offset:  # file meta: always explicit VR little endian
-        group, elem = struct.unpack_from("<HH", encoded, pos)
-        if encoded[pos + 4:pos + 6] in _LONG_VRS:
-            length = struct.unpack_from("<L", encoded, pos + 8)[0]
-            pos += 12
-        else:
-            length = struct.unpack_from("<H", encoded, pos + 6)[0]
-            pos += 8
-        if (group << 16 | elem) == _TRANSFER_SYNTAX_TAG:
-            ts = encoded[pos:pos + length].decode("ascii").rstrip("\x00 ")
-        pos += length
+    offset, ts = file_meta_info(encoded)
     if not ts or ts in (DEFLATED, EXPLICIT_BE):
         return None
     implicit = ts == IMPLICIT_LE
@@ -225,7 +219,7 @@ def _scan_header(encoded: bytes) -> tuple[dict, str, int] | None:
         if vr is None:
             length = struct.unpack_from("<L", encoded, pos + 4)[0]
             value_pos = pos + 8
-        elif vr in _LONG_VRS:
+        elif vr in LONG_VRS:
             length = struct.unpack_from("<L", encoded, pos + 8)[0]
             value_pos = pos + 12
         elif vr.isalpha() and vr.isupper():
@@ -233,7 +227,7 @@ def _scan_header(encoded: bytes) -> tuple[dict, str, int] | None:
             value_pos = pos + 8
         else:
             return None  # implicit VR inside explicit: let pydicom sort it out
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
             if tag in _TAG_NUMBERS:
                 return None
             pos = _Walker(encoded, explicit=not implicit, little=True).items(value_pos, tag, 0)
