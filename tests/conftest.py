@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -149,13 +147,6 @@ def running_node(node_ctx):
     server.server_close()
 
 
-def start_node_process(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
-    """Run ``dicomnode <args>`` as a real process (stderr to ``log_path``)."""
-    log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "dicomnode.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
-
-
 def stop_node(proc: subprocess.Popen, timeout: float = 60.0) -> int:
     """Stop a node started in its own session as Ctrl-C does (SIGINT); kill its process group if it hangs.
     Returns its exit code."""
@@ -175,12 +166,3 @@ def shared_ct(rel: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data {path} not present")
     return path
-
-
-def copy_fixture(src: Path, dst: Path) -> Path:
-    if src.is_dir():
-        shutil.copytree(src, dst)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-    return dst

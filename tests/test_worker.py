@@ -77,6 +77,12 @@ def count(sessions, model) -> int:
         return s.scalar(select(func.count()).select_from(model))
 
 
+def start_worker_process(config_path, log_path) -> subprocess.Popen:
+    """`dicomnode worker` as a real process, its output in ``log_path``."""
+    return subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "worker", "--config", str(config_path)],
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+
+
 def state_for(cfg, sessions, owner="test-worker") -> worker.WorkerState:
     return worker.WorkerState(cfg, sessions, owner, threading.Event())
 
@@ -215,8 +221,7 @@ def test_a_killed_worker_leaves_the_job_to_be_claimed_after_the_lease(setup, tmp
     store_files(ctx, long_series(2))
     enqueue_all(sessions)
     log_path = tmp_path / "worker.log"
-    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "worker", "--config", str(config_path)],
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    proc = start_worker_process(config_path, log_path)
     try:
         deadline = time.monotonic() + 60
         job = None
@@ -266,8 +271,7 @@ def test_worker_process_stops_on_sigterm(setup, tmp_path):
     store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
     enqueue_all(sessions)
     log_path = tmp_path / "worker.log"
-    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "worker", "--config", str(config_path)],
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    proc = start_worker_process(config_path, log_path)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and job_rows(sessions)[0].state != "done":

@@ -364,20 +364,33 @@ class SeriesInfo:
     number: str = ""
 
 
+def find_level(pacs: Pacs, level: str, match: dict[str, str], unique_key: str, return_keys: tuple[str, ...],
+               charset: str = "") -> list[tuple[str, Dataset]]:
+    """C-FIND at ``level`` with the ``match`` keys; returns (unique key value, answer) for every answer that
+    carries its unique key (answers without one are dropped)."""
+    q = Dataset()
+    if charset:
+        q.SpecificCharacterSet = charset
+    q.QueryRetrieveLevel = level
+    for keyword, value in match.items():
+        setattr(q, keyword, value)
+    for keyword in (unique_key, *return_keys):
+        setattr(q, keyword, "")
+    answers, _ = pacs.find(q)
+    found = []
+    for ds in answers:
+        uid = str(ds.get(unique_key, "")).strip()
+        if uid:
+            found.append((uid, ds))
+    return found
+
+
 def find_series(pacs: Pacs, study_uid: str) -> list[SeriesInfo]:
     """Every series of a study (SERIES level), with Modality, BodyPartExamined and SeriesDescription."""
-    q = Dataset()
-    q.SpecificCharacterSet = "ISO_IR 192"
-    q.QueryRetrieveLevel = "SERIES"
-    q.StudyInstanceUID = study_uid
-    for kw in ("SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesDescription", "SeriesNumber"):
-        setattr(q, kw, "")
-    answers, _ = pacs.find(q)
+    answers = find_level(pacs, "SERIES", {"StudyInstanceUID": study_uid}, "SeriesInstanceUID",
+                         ("Modality", "BodyPartExamined", "SeriesDescription", "SeriesNumber"), charset="ISO_IR 192")
     out = []
-    for ds in answers:
-        uid = str(ds.get("SeriesInstanceUID", "")).strip()
-        if not uid:
-            continue
+    for uid, ds in answers:
         out.append(SeriesInfo(uid, str(ds.get("Modality", "") or "").upper(),
                               str(ds.get("BodyPartExamined", "") or ""), str(ds.get("SeriesDescription", "") or ""),
                               str(ds.get("SeriesNumber", "") or "")))
@@ -395,18 +408,10 @@ class InstanceInfo:
 
 def find_instances(pacs: Pacs, study_uid: str, series_uid: str) -> list[InstanceInfo]:
     """The instances of a series (IMAGE level), ordered along z (then InstanceNumber)."""
-    q = Dataset()
-    q.QueryRetrieveLevel = "IMAGE"
-    q.StudyInstanceUID = study_uid
-    q.SeriesInstanceUID = series_uid
-    for kw in ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "ImagePositionPatient", "ImageType"):
-        setattr(q, kw, "")
-    answers, _ = pacs.find(q)
+    answers = find_level(pacs, "IMAGE", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid},
+                         "SOPInstanceUID", ("SOPClassUID", "InstanceNumber", "ImagePositionPatient", "ImageType"))
     out = []
-    for ds in answers:
-        uid = str(ds.get("SOPInstanceUID", "")).strip()
-        if not uid:
-            continue
+    for uid, ds in answers:
         try:
             number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
         except (TypeError, ValueError):

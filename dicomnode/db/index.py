@@ -6,6 +6,7 @@ Nothing here knows about DICOM networking; the listener and the tests call these
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -163,14 +164,13 @@ class _FastSQL:
         self.integrity_error = dialect.dbapi.IntegrityError
 
 
-_FAST_SQL: dict[int, _FastSQL] = {}
+_FAST_SQL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its _FastSQL
 
 
 def _fast_sql(engine) -> _FastSQL:
-    fast = _FAST_SQL.get(id(engine))
-    if fast is None or fast.engine is not engine:
-        fast = _FAST_SQL[id(engine)] = _FastSQL(engine)
-        fast.engine = engine
+    fast = _FAST_SQL.get(engine)
+    if fast is None:
+        fast = _FAST_SQL[engine] = _FastSQL(engine)
     return fast
 
 
