@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import storage
 from dicomnode.config import Config
-from dicomnode.db.index import StoredFile, find_instance, index_instance_cached, instance_exists
+from dicomnode.db.index import StoredFile, index_instance_cached, instance_exists
 from dicomnode.headers import InstanceHeader, UndecodableDataset, read_header
 
 log = logging.getLogger("dicomnode.ingest")
@@ -110,9 +110,8 @@ def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
 
 def _remove_unindexed(ctx: NodeContext, sop_instance_uid: str, rel: str) -> None:
     """After a failed index write, remove the file unless another writer indexed it meanwhile."""
-    with ctx.sessions() as session:
-        if find_instance(session, sop_instance_uid) is not None:
-            return
+    if instance_exists(ctx.sessions, sop_instance_uid):
+        return
     try:
         (ctx.storage_dir / rel).unlink()
     except FileNotFoundError:

@@ -114,7 +114,8 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
         if cfg.worker.enabled:
             from dicomnode import worker
 
-            worker_thread = threading.Thread(target=worker.run, args=(cfg, stop), name="dicomnode-worker", daemon=True)
+            worker_thread = threading.Thread(target=worker.run, args=(cfg, stop, sessions), name="dicomnode-worker",
+                                             daemon=True)
             worker_thread.start()
         while not stop.wait(1.0):
             for i, proc in enumerate(children):

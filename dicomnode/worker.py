@@ -269,15 +269,21 @@ def process_next(state: WorkerState) -> str | None:
     return process_job(state, job)
 
 
-def run(cfg: Config, stop: threading.Event) -> None:
-    """Claim and run classification jobs until ``stop`` is set."""
-    from dicomnode.node import open_index
+def run(cfg: Config, stop: threading.Event, sessions: sessionmaker[Session] | None = None) -> None:
+    """Claim and run classification jobs until ``stop`` is set.
 
-    try:
-        engine, sessions = open_index(cfg)
-    except Exception as exc:
-        log.error("worker cannot open the index: %s", exc)
-        return
+    ``sessions``: the index's session factory of the calling process (the node passes its own, one
+    engine per process); None opens the index here (``dicomnode worker``).
+    """
+    engine = None
+    if sessions is None:
+        from dicomnode.node import open_index
+
+        try:
+            engine, sessions = open_index(cfg)
+        except Exception as exc:
+            log.error("worker cannot open the index: %s", exc)
+            return
     state = WorkerState(cfg, sessions, default_owner(), stop)
     log.info("worker %s started (lease %.0f s, batch %d, device %s)", state.owner, cfg.worker.lease_s,
              cfg.worker.batch_size, cfg.worker.device)
@@ -291,5 +297,6 @@ def run(cfg: Config, stop: threading.Event) -> None:
             if outcome is None:
                 stop.wait(cfg.worker.poll_interval_s)
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
         log.info("worker %s stopped", state.owner)
