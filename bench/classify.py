@@ -2,7 +2,7 @@
 
 For each size (default 652 and 2,000 slices) it builds a series from the real Siemens chest series of
 ``../shared/data/ct`` (``bench/make_series.py``: the 30 real slices repeated with new UIDs and consistent
-geometry) in a temporary folder, stores it in a fresh SQLite index with ``dicomnode.ingest.store_instance``
+geometry) in a temporary folder, stores it in a fresh SQLite index with ``dicomnode.receive.ingest.store_instance``
 (not timed) and queues its job. Then a fresh child process (so that its peak RSS is the classification's
 alone, imports and model included) loads the model once and runs the worker on that job exactly as
 ``dicomnode worker`` does: claim -> read headers -> order -> read + decode + preprocess + infer (decoding
@@ -50,9 +50,9 @@ def prepare(workdir: Path, count: int) -> float:
     from make_series import DEFAULT_SOURCE, make_series
 
     from dicomnode.db.models import utcnow
-    from dicomnode.ingest import SUCCESS, NodeContext, store_instance
-    from dicomnode.node import open_index
-    from dicomnode.stability import mark_stable_series
+    from dicomnode.receive.ingest import SUCCESS, NodeContext, store_instance
+    from dicomnode.db.session import open_index
+    from dicomnode.queue.stability import mark_stable_series
 
     paths = make_series(DEFAULT_SOURCE, workdir / "series", count)
     cfg = _config(workdir, "", "cpu", 32, 0)
@@ -77,9 +77,9 @@ def child(workdir: Path, model: str, device: str, batch_size: int, threads: int)
 
     from sqlalchemy import update
 
-    from dicomnode import worker
+    from dicomnode.queue import worker
     from dicomnode.db.models import Job
-    from dicomnode.node import open_index
+    from dicomnode.db.session import open_index
 
     cfg = _config(workdir, model, device, batch_size, threads)
     engine, sessions = open_index(cfg)
@@ -111,8 +111,8 @@ def child(workdir: Path, model: str, device: str, batch_size: int, threads: int)
 
 def default_model(workdir: Path) -> tuple[str, str]:
     """The shipped model, else an untrained net of the default architecture (same compute; flagged)."""
-    from dicomnode.model import DEFAULT_MODEL_DIR, CHECKPOINT_NAME, DEFAULT_NET_CONFIG, build_net, save_checkpoint
-    from dicomnode.imaging.preprocess import PreprocessParams
+    from dicomnode.classification.model import DEFAULT_MODEL_DIR, CHECKPOINT_NAME, DEFAULT_NET_CONFIG, build_net, save_checkpoint
+    from dicomnode.classification.imaging.preprocess import PreprocessParams
 
     if (DEFAULT_MODEL_DIR / CHECKPOINT_NAME).is_file():
         return "", "shipped default model"

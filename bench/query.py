@@ -208,8 +208,8 @@ def time_network(port: int, keys: dict[str, object], repeat: int) -> tuple[float
 def start_node(url: str, db_dir: Path):
     """The node's listener on a free loopback port, serving the index at ``url``; returns (server, port)."""
     from dicomnode.config import load_config
-    from dicomnode.ingest import NodeContext
-    from dicomnode.listener import start_listener
+    from dicomnode.receive.ingest import NodeContext
+    from dicomnode.receive.listener import start_listener
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,7 +33,7 @@ def real_batch(batch_size: int, params) -> "torch.Tensor":
     """(batch_size, C, S, S) preprocessed real CT slices from the test fixtures, tiled."""
     import torch
 
-    from dicomnode.imaging.preprocess import preprocess_batch
+    from dicomnode.classification.imaging.preprocess import preprocess_batch
     from trainer.datasets import load_image, read_labels
 
     rows = read_labels(REPO / "tests" / "fixtures" / "ct" / "labels.csv")
@@ -61,8 +61,8 @@ def bench_device(device_name: str, args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from dicomnode.imaging.preprocess import PreprocessParams
-    from dicomnode.model import build_net
+    from dicomnode.classification.imaging.preprocess import PreprocessParams
+    from dicomnode.classification.model import build_net
     from trainer.augment import AugmentParams, augment_batch
 
     device = torch.device(device_name)

@@ -17,9 +17,9 @@ import threading
 import time
 
 from dicomnode.config import Config
-from dicomnode.db.session import check_schema, ensure_embedded_schema, make_engine, make_sessionmaker
+from dicomnode.db.session import make_engine, make_sessionmaker, open_index
 from dicomnode.logconfig import setup_logging
-from dicomnode.recovery import recover_at_start
+from dicomnode.receive.recovery import recover_at_start
 
 log = logging.getLogger("dicomnode.node")
 
@@ -35,22 +35,12 @@ def listener_processes(cfg: Config) -> int:
     return cfg.listener.processes or max(1, min(4, 2 * (os.cpu_count() or 1)))
 
 
-def open_index(cfg: Config):
-    """Create the embedded schema on first run, refuse a schema not at head, return a session factory."""
-    url = cfg.resolved_database_url
-    if ensure_embedded_schema(url):
-        log.info("created a new index at %s", url)
-    engine = make_engine(url)
-    check_schema(engine)
-    return engine, make_sessionmaker(engine)
-
-
 def _listener_main(cfg: Config, listening: socket.socket, max_associations: int, ready: mp.Event) -> None:
     """Body of a listener process: serve associations accepted from the shared socket."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us with SIGTERM
     setup_logging(cfg.log_level)
-    from dicomnode.ingest import NodeContext
-    from dicomnode.listener import start_listener
+    from dicomnode.receive.ingest import NodeContext
+    from dicomnode.receive.listener import start_listener
 
     # The instance file is always fsynced before Success. The index commit of a listener is fsynced
     # too only with listener.power_loss_safe (SQLite FULL): otherwise a commit survives a crash of
@@ -81,7 +71,7 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
     storage_dir.mkdir(parents=True, exist_ok=True)
     recover_at_start(cfg.resolved_data_dir, storage_dir, sessions)
 
-    from dicomnode.listener import listening_socket
+    from dicomnode.receive.listener import listening_socket
 
     listening = listening_socket(cfg)
     n = listener_processes(cfg)
@@ -108,11 +98,11 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
         children = [start_child(i) for i in range(n)]
         log.info("%s listening on %s:%d (%d listener process(es), storage %s, StableAge %.3g s)",
                  cfg.ae_title, cfg.bind_address, cfg.port, n, storage_dir, cfg.stable_age_s)
-        from dicomnode.stability import start_scheduler
+        from dicomnode.queue.stability import start_scheduler
 
         scheduler = start_scheduler(sessions, cfg.stable_age_s, cfg.check_interval_s)
         if cfg.worker.enabled:
-            from dicomnode import worker
+            from dicomnode.queue import worker
 
             worker_thread = threading.Thread(target=worker.run, args=(cfg, stop, sessions), name="dicomnode-worker",
                                              daemon=True)

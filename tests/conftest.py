@@ -122,7 +122,7 @@ def node_config(tmp_path) -> Config:
 @pytest.fixture
 def index(node_config):
     """(engine, session factory) of node_config's index at head."""
-    from dicomnode.node import open_index
+    from dicomnode.db.session import open_index
 
     engine, sessions = open_index(node_config)
     yield engine, sessions
@@ -131,7 +131,7 @@ def index(node_config):
 
 @pytest.fixture
 def node_ctx(node_config, index):
-    from dicomnode.ingest import NodeContext
+    from dicomnode.receive.ingest import NodeContext
 
     return NodeContext(node_config, index[1])
 
@@ -139,7 +139,7 @@ def node_ctx(node_config, index):
 @pytest.fixture
 def running_node(node_ctx):
     """The listener of node_ctx, serving on 127.0.0.1:<node_config.port> in this process."""
-    from dicomnode.listener import start_listener
+    from dicomnode.receive.listener import start_listener
 
     server = start_listener(node_ctx)  # bound and listening when this returns
     yield node_ctx

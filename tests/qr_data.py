@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode.db.models import Instance, RegionRange, Series, SliceResult
-from dicomnode.ingest import NodeContext, store_instance
+from dicomnode.receive.ingest import NodeContext, store_instance
 
 from conftest import CT_FIXTURES
 

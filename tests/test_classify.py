@@ -1,4 +1,4 @@
-"""``dicomnode classify`` and the classification pipeline (dicomnode.classify), on real CT."""
+"""``dicomnode classify`` and the classification pipeline (dicomnode.classification.pipeline), on real CT."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import CT_FIXTURES, SHARED_DATA
-from dicomnode.classify import Cancelled, classify_paths, classify_plan, results_to_json
-from dicomnode.imaging.series import group_series, plan_series
-from dicomnode.model import CHECKPOINT_NAME, DEFAULT_MODEL_DIR, load_model, make_untrained_checkpoint
+from dicomnode.classification.pipeline import Cancelled, classify_paths, classify_plan, results_to_json
+from dicomnode.classification.imaging.series import group_series, plan_series
+from dicomnode.classification.model import CHECKPOINT_NAME, DEFAULT_MODEL_DIR, load_model, make_untrained_checkpoint
 
 CHEST = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"
 J2K_SERIES = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
@@ -69,7 +69,7 @@ def test_cli_json_on_cpu_without_cuda(checkpoint, tmp_path):
                   "--batch-size", "4", "--log-level", "INFO")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)  # stdout is JSON only; logs went to stderr
-    assert "dicomnode.classify" in out.stderr
+    assert "dicomnode.classification.pipeline" in out.stderr
     series = check_document(doc, "1.3.6.1.4.1.14519.5.2.1.6655.2359.213534032021332276911485641315", 10)
     assert series["model_version"] == "untrained-test-model-seed0"
     assert [s["instance_number"] for s in series["slices"]] == list(range(55, 65))

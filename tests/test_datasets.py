@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicomnode.imaging.preprocess import PreprocessParams
+from dicomnode.classification.imaging.preprocess import PreprocessParams
 from trainer import datasets as ds
 from tests.conftest import CT_FIXTURES, SHARED_DATA
 

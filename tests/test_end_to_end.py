@@ -17,13 +17,13 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import create_engine, text
 
 from conftest import SHARED_DATA, dcmtk, free_port, stop_node, wait_for_echo
-from dicomnode.model import checkpoint_path
+from dicomnode.classification.model import checkpoint_path
 
 SERIES = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # neck -> lungs -> liver, 30 slices
 
 pytestmark = [
     pytest.mark.skipif(not SERIES.exists(), reason="needs ../shared/data"),
-    pytest.mark.skipif(not checkpoint_path(None).exists(), reason="no shipped default model in dicomnode/model/default"),
+    pytest.mark.skipif(not checkpoint_path(None).exists(), reason="no shipped default model in dicomnode/classification/model/default"),
 ]
 
 

@@ -9,8 +9,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from dicomnode.cli import main
-from dicomnode.imaging.preprocess import preprocess_batch
-from dicomnode.model import CLASSES, load_model, make_untrained_checkpoint, predict_proba
+from dicomnode.classification.imaging.preprocess import preprocess_batch
+from dicomnode.classification.model import CLASSES, load_model, make_untrained_checkpoint, predict_proba
 from tests.conftest import CT_FIXTURES, SHARED_DATA
 from tests.trainer_data import write_subset_labels
 from trainer.datasets import load_image, read_labels

@@ -10,7 +10,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.pdu import P_DATA_TF
 
-from dicomnode.fastpath import part10_bytes, store_response_pdu
+from dicomnode.receive.fastpath import part10_bytes, store_response_pdu
 
 CASES = [
     ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),      # odd-length UIDs

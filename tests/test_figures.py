@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicomnode.model import build_net
+from dicomnode.classification.model import build_net
 from trainer.figures import (filter_mosaic, plot_confusion, plot_filters, plot_roc, plot_tsne,
                              subsample_per_label)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import CT_FIXTURES, SHARED_DATA
-from dicomnode.headers import UndecodableDataset, _read_header_pydicom, read_header
-from dicomnode.storage import InvalidUID
+from dicomnode.receive.headers import UndecodableDataset, _read_header_pydicom, read_header
+from dicomnode.receive.storage import InvalidUID
 
 FILES = sorted(CT_FIXTURES.rglob("*.dcm")) + sorted((SHARED_DATA / "ct").rglob("*.dcm"))
 

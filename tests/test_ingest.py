@@ -11,13 +11,13 @@ from sqlalchemy import func, select
 
 from conftest import CT_FIXTURES
 from dicomnode.db.models import Instance, Series
-from dicomnode.ingest import (
+from dicomnode.receive.ingest import (
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     DUPLICATE_REJECTED,
     SUCCESS,
     store_instance,
 )
-from dicomnode.stability import mark_stable_series
+from dicomnode.queue.stability import mark_stable_series
 
 SLICE = CT_FIXTURES / "series" / "dcmqi_ge_3slice" / "01.dcm"
 

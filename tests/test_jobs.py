@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
-from dicomnode import jobs
+from dicomnode.queue import jobs
 from dicomnode.db.index import StoredFile, index_instance
 from dicomnode.db.models import Job, Series, utcnow
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
-from dicomnode.headers import InstanceHeader
-from dicomnode.stability import mark_stable_series
+from dicomnode.receive.headers import InstanceHeader
+from dicomnode.queue.stability import mark_stable_series
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from sqlalchemy import func, select
 
 from conftest import CT_FIXTURES, dcmtk, send_files
 from dicomnode.db.models import Instance, Series
-from dicomnode.ingest import CANNOT_DECODE, INVALID_UID, OUT_OF_RESOURCES, NodeContext
-from dicomnode.listener import start_listener
+from dicomnode.receive.ingest import CANNOT_DECODE, INVALID_UID, OUT_OF_RESOURCES, NodeContext
+from dicomnode.receive.listener import start_listener
 
 SERIES_3 = CT_FIXTURES / "series" / "dcmqi_ge_3slice"
 SERIES_J2K = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"

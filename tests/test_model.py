@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import dicomnode.model.checkpoint as ckpt
-from dicomnode.imaging.pixels import read_hu
-from dicomnode.imaging.preprocess import PreprocessParams, preprocess_batch
-from dicomnode.model import (
+import dicomnode.classification.model.checkpoint as ckpt
+from dicomnode.classification.imaging.pixels import read_hu
+from dicomnode.classification.imaging.preprocess import PreprocessParams, preprocess_batch
+from dicomnode.classification.model import (
     BODY_PARTS,
     CLASSES,
     build_net,

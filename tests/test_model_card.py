@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dicomnode.model import load_model, make_untrained_checkpoint
+from dicomnode.classification.model import load_model, make_untrained_checkpoint
 from tests.conftest import CT_FIXTURES
 from trainer.datasets import read_labels
 from trainer.evaluate import evaluate

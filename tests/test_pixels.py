@@ -1,4 +1,4 @@
-"""Decoding real CT to HU in display orientation (dicomnode.imaging.pixels)."""
+"""Decoding real CT to HU in display orientation (dicomnode.classification.imaging.pixels)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from conftest import CT_FIXTURES, shared_ct
-from dicomnode.imaging.pixels import (
+from dicomnode.classification.imaging.pixels import (
     dataset_to_hu,
     display_turn,
     image_orientation,

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dicomnode.imaging.pixels import read_hu
-from dicomnode.imaging.preprocess import (
+from dicomnode.classification.imaging.pixels import read_hu
+from dicomnode.classification.imaging.preprocess import (
     PreprocessParams,
     effective_spacing,
     preprocess_batch,

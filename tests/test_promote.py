@@ -8,7 +8,7 @@ import torch
 
 from dicomnode.cli import main
 from dicomnode.config import load_config
-from dicomnode.model import load_model, make_untrained_checkpoint, read_checkpoint
+from dicomnode.classification.model import load_model, make_untrained_checkpoint, read_checkpoint
 from tests.conftest import REPO
 from trainer.promote import promote, set_model_path_in_yaml
 

@@ -6,8 +6,8 @@ import os
 import time
 
 from conftest import CT_FIXTURES
-from dicomnode.ingest import SUCCESS, store_instance
-from dicomnode.recovery import START_MARKER, recover_at_start, recover_storage
+from dicomnode.receive.ingest import SUCCESS, store_instance
+from dicomnode.receive.recovery import START_MARKER, recover_at_start, recover_storage
 
 SLICES = sorted((CT_FIXTURES / "series" / "dcmqi_ge_3slice").glob("*.dcm"))
 

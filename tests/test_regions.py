@@ -1,4 +1,4 @@
-"""Ordered decoding of per-slice probabilities into region ranges (dicomnode.regions)."""
+"""Ordered decoding of per-slice probabilities into region ranges (dicomnode.classification.regions)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dicomnode.regions import CLASS_ORDER, DecodeParams, decode_regions, viterbi_ordered
+from dicomnode.classification.regions import CLASS_ORDER, DecodeParams, decode_regions, viterbi_ordered
 
 NECK, LUNGS, LIVER, PELVIS, LEGS = range(5)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dicomnode.config import ConfigError, load_config
-from dicomnode.imaging.preprocess import PreprocessParams
-from dicomnode.model import CLASSES, build_net, load_model, read_checkpoint, save_checkpoint
+from dicomnode.classification.imaging.preprocess import PreprocessParams
+from dicomnode.classification.model import CLASSES, build_net, load_model, read_checkpoint, save_checkpoint
 from tests.conftest import CT_FIXTURES, SHARED_DATA
 from tests.trainer_data import write_subset_labels
 from trainer.retrain import HISTORY, cron_trigger, crontab_days, retrain_once, run_scheduler

@@ -1,4 +1,4 @@
-"""Grouping, scope and ordering of real CT series (dicomnode.imaging.series)."""
+"""Grouping, scope and ordering of real CT series (dicomnode.classification.imaging.series)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import CT_FIXTURES, shared_ct
-from dicomnode.imaging.series import (
+from dicomnode.classification.imaging.series import (
     SeriesError,
     group_series,
     plan_series,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dicomnode import storage
+from dicomnode.receive import storage
 
 
 @pytest.mark.parametrize("value", ["1.2.840.10008.5.1.4.1.1.2", "0", "1.0.3", "2.25.123456789012345678901234567890"])

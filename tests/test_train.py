@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dicomnode.cli import main
-from dicomnode.model import CLASSES, load_model, predict_proba
+from dicomnode.classification.model import CLASSES, load_model, predict_proba
 from trainer import datasets as ds
 from trainer.train import STATE_NAME, TrainSettings, train
 from tests.conftest import SHARED_DATA
@@ -131,7 +131,7 @@ def test_class_balanced_sampling_and_boundary_rows(tiny_labels):
 
 
 def test_soft_tissue_clipping_and_zoom_of_inputs():
-    from dicomnode.imaging.preprocess import PreprocessParams
+    from dicomnode.classification.imaging.preprocess import PreprocessParams
     from trainer.train import make_inputs, random_zoom
 
     p = PreprocessParams(size=32, pixel_mm=12.8)

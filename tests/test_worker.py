@@ -1,4 +1,4 @@
-"""The classification worker on a real SQLite index with real stored CT (dicomnode.worker)."""
+"""The classification worker on a real SQLite index with real stored CT (dicomnode.queue.worker)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, stop_node, wait_for_echo
-from dicomnode import jobs, worker
+from dicomnode.queue import jobs, worker
 from dicomnode.config import load_config
 from dicomnode.db.models import Job, RegionRange, Series, SliceResult, utcnow
 from dicomnode.db.session import upgrade
-from dicomnode.ingest import SUCCESS, NodeContext, store_instance
-from dicomnode.model import make_untrained_checkpoint
-from dicomnode.node import open_index
-from dicomnode.stability import mark_stable_series
+from dicomnode.receive.ingest import SUCCESS, NodeContext, store_instance
+from dicomnode.classification.model import make_untrained_checkpoint
+from dicomnode.db.session import open_index
+from dicomnode.queue.stability import mark_stable_series
 
 J2K_SERIES = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
 CHEST = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # 30 real slices

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from dicomnode.model import CLASSES
+from dicomnode.classification.model import CLASSES
 from tests.conftest import SHARED_DATA
 
 

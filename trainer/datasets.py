@@ -6,7 +6,7 @@ folder: a DICOM file (``slice_index`` = frame of a multi-frame file, optional), 
 (``slice_index`` picks the axial slice; ``vol[:, :, k].T`` is the slice as DICOM displays it) or a PNG/JPEG
 whose pixel encoding is given per folder in ``pixel_encodings.csv`` beside the labels file.
 
-``region`` is one of :data:`dicomnode.model.CLASSES`, or two joined by ``|`` (either is right), or a
+``region`` is one of :data:`dicomnode.classification.model.CLASSES`, or two joined by ``|`` (either is right), or a
 mark outside the five classes (``other``, ``exclude``, ``other|neck``...). A row whose region names at
 least one of the five classes is kept with those classes; rows with none are left out (counted).
 
@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dicomnode.model import CLASSES
+from dicomnode.classification.model import CLASSES
 
 log = logging.getLogger("trainer.datasets")
 
@@ -348,7 +348,7 @@ def load_image(row: LabelRow, nifti_cache: dict | None = None) -> tuple[np.ndarr
         if row.kind == "image":
             assert row.encoding is not None
             return _load_image(row.path, row.encoding), None
-        from dicomnode.imaging.pixels import read_hu
+        from dicomnode.classification.imaging.pixels import read_hu
 
         hu, spacing = read_hu(row.path, frame=row.slice_index)
         return np.asarray(hu, dtype=np.float32), spacing
@@ -365,7 +365,7 @@ def load_resampled(rows: Sequence[LabelRow], params, progress: bool = False) -> 
     """
     import torch
 
-    from dicomnode.imaging.preprocess import resample_hu
+    from dicomnode.classification.imaging.preprocess import resample_hu
 
     out = np.full((len(rows), params.size, params.size), int(params.pad_hu), dtype=np.int16)
     problems: list[str] = []

@@ -22,7 +22,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dicomnode.logconfig import setup_logging
 
     setup_logging(args.log_level or "WARNING")
-    from dicomnode.model import load_model
+    from dicomnode.classification.model import load_model
     from trainer.datasets import LabelsError
     from trainer.evaluate import metrics_from_outputs, run_model
 

@@ -176,10 +176,10 @@ def run_model(model: Any, rows: Sequence[Any], batch_size: int = 64, progress: b
 
     The outputs follow the rows sorted by file (``outputs.rows`` gives the order).
 
-    ``model`` is a :class:`dicomnode.model.LoadedModel`; rows come from ``trainer.datasets.read_labels``.
+    ``model`` is a :class:`dicomnode.classification.model.LoadedModel`; rows come from ``trainer.datasets.read_labels``.
     """
-    from dicomnode.imaging.preprocess import preprocess_slice
-    from dicomnode.model import predict_proba
+    from dicomnode.classification.imaging.preprocess import preprocess_slice
+    from dicomnode.classification.model import predict_proba
     from trainer.datasets import load_image
 
     classes = tuple(model.classes)
@@ -240,7 +240,7 @@ def penultimate_features(model: Any, rows: Sequence[Any], batch_size: int = 64) 
     """Penultimate-layer features (N, F) of ``rows`` (for the t-SNE figure); rows must be readable."""
     import torch
 
-    from dicomnode.imaging.preprocess import preprocess_batch
+    from dicomnode.classification.imaging.preprocess import preprocess_batch
     from trainer.datasets import load_image
 
     feats = []

@@ -160,7 +160,7 @@ def write_all(model: Any, outputs: Any, metrics: dict[str, Any], out_dir: str | 
     Returns {figure name: path}. The t-SNE uses at most ``tsne_max`` slices spread over the labels; the
     TPS figure deforms an evaluated liver slice (else the first).
     """
-    from dicomnode.imaging.preprocess import preprocess_batch
+    from dicomnode.classification.imaging.preprocess import preprocess_batch
     from trainer.augment import plot_deformations
     from trainer.datasets import load_image
     from trainer.evaluate import penultimate_features

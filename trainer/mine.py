@@ -16,7 +16,7 @@ The steps are plain functions, run in order by :func:`mine`:
    rejection notes remove what they reject. Otherwise :func:`sample_evenly` takes
    ``mining.slices_per_series`` evenly spaced slices of each CT series.
 5. Retrieval (:class:`trainer.pacs.Retriever`): C-MOVE to the node's storage SCP when it answers, else to the
-   miner's own pynetdicom storage SCP (files written by :func:`dicomnode.storage.write_atomic`), or
+   miner's own pynetdicom storage SCP (files written by :func:`dicomnode.receive.storage.write_atomic`), or
    C-GET. A C-MOVE that reports success but delivers nothing is a failure. At most
    ``mining.max_concurrent_moves`` retrievals run at once, with ``mining.pause_between_studies_s``
    between studies.
@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicomnode import storage
+from dicomnode.receive import storage
 from dicomnode.config import Config
 from trainer.labelmap import CLASSES, Label, LabelMap, load_label_map, normalize
 from trainer.pacs import (  # noqa: F401 - MiningError and parse_remote are part of this module's API

@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m trainer.model_card``: write a card from a model and ``dicomnode evaluate --json`` files."""
     import argparse
 
-    from dicomnode.model import load_model
+    from dicomnode.classification.model import load_model
 
     ap = argparse.ArgumentParser(prog="python -m trainer.model_card", description=main.__doc__)
     ap.add_argument("--model", help="checkpoint or run directory (default: the shipped default model)")

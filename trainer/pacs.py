@@ -4,7 +4,7 @@
 :class:`MiningError` that says what to do (register our AE title, check host and port, ...).
 :class:`Retriever` brings instances into the dataset folder: C-MOVE to the node when it answers at the
 move destination (files copied from its storage), else to the miner's own pynetdicom storage SCP
-(files written by :func:`dicomnode.storage.write_atomic`), or C-GET. A retrieval that reports success
+(files written by :func:`dicomnode.receive.storage.write_atomic`), or C-GET. A retrieval that reports success
 but delivers nothing is a failure. Logs name UIDs and AE titles only.
 """
 
@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 
-from dicomnode import storage
+from dicomnode.receive import storage
 from dicomnode.config import AE_TITLE_RE, Config, RemoteAE
-from dicomnode.headers import UndecodableDataset, read_header
-from dicomnode.listener import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, STORAGE_TRANSFER_SYNTAXES
+from dicomnode.receive.headers import UndecodableDataset, read_header
+from dicomnode.receive.listener import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, STORAGE_TRANSFER_SYNTAXES
 
 log = logging.getLogger("trainer.pacs")
 
@@ -231,7 +231,7 @@ class Pacs:
 def _store_status(encoded: bytes, out_dir: Path, expected: set[str], received: set[str], lock: threading.Lock,
                   fsync: bool) -> int:
     """Write one received instance under ``out_dir`` (images/ or kos/); the C-STORE status to answer."""
-    from dicomnode.ingest import CANNOT_DECODE, INVALID_UID, OUT_OF_RESOURCES, SUCCESS
+    from dicomnode.receive.ingest import CANNOT_DECODE, INVALID_UID, OUT_OF_RESOURCES, SUCCESS
 
     try:
         header = read_header(encoded)

@@ -120,7 +120,7 @@ def install_model(src: Path, target: Path) -> dict[str, Any]:
 
     Returns the promotion record (also appended to ``promotions.jsonl`` beside the target).
     """
-    from dicomnode.model import load_model, read_checkpoint
+    from dicomnode.classification.model import load_model, read_checkpoint
 
     candidate = load_model(src, device="cpu")  # raises naming the file when it is not a usable checkpoint
     target = target.resolve()
@@ -160,7 +160,7 @@ def promote(model: str | Path, config_path: str | Path) -> dict[str, Any]:
     Raises ``FileNotFoundError``/``ValueError`` naming the file when the candidate or config is unusable.
     """
     from dicomnode.config import load_config
-    from dicomnode.model import checkpoint_path
+    from dicomnode.classification.model import checkpoint_path
 
     src = checkpoint_path(model)
     cfg_file = Path(config_path)

@@ -101,7 +101,7 @@ def retrain_once(cfg: Config, config_path: str | Path | None = None, train_overr
 
 def _run(cfg: Config, config_path: str | Path | None, train_overrides: dict[str, Any] | None, tolerance: float,
          train_fn: Callable[[Any], dict[str, Any]] | None, run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
-    from dicomnode.model import load_model
+    from dicomnode.classification.model import load_model
     from trainer.datasets import read_labels, read_many
     from trainer.evaluate import evaluate, is_not_worse
     from trainer.promote import install_model, promote, target_path

@@ -1,4 +1,4 @@
-"""Train the ConvNet of :mod:`dicomnode.model` on labelled CT slices.
+"""Train the ConvNet of :mod:`dicomnode.classification.model` on labelled CT slices.
 
 * Data: labels files read by :mod:`trainer.datasets`, split by patient (deterministic by seed); every
   slice is resampled once to body-centred HU at the model's pixel size and kept in memory (int16).
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicomnode.imaging.preprocess import PreprocessParams, windows_to_channels
-from dicomnode.model import CLASSES, build_net, complete_net_config, resolve_device, save_checkpoint
+from dicomnode.classification.imaging.preprocess import PreprocessParams, windows_to_channels
+from dicomnode.classification.model import CLASSES, build_net, complete_net_config, resolve_device, save_checkpoint
 from trainer import datasets as ds
 
 log = logging.getLogger("trainer.train")

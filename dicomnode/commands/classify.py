@@ -1,7 +1,7 @@
 """``dicomnode classify PATHS...``: classify CT series offline (no network, no database).
 
 Prints a table of region ranges per series, or with ``--json`` the document of
-:func:`dicomnode.classify.results_to_json`, to stdout; logs go to stderr. ``--plot FILE.png`` draws, per
+:func:`dicomnode.classification.pipeline.results_to_json`, to stdout; logs go to stderr. ``--plot FILE.png`` draws, per
 series, the five probabilities along z beside a coronal reformat (the paper's Fig. 7); with several series
 the second and later get ``-2``, ``-3``, ... before the extension.
 Exit status: 0 when every series was classified or skipped, 1 when one failed or none was found,
@@ -94,8 +94,8 @@ def _plot_path(base: Path, i: int) -> Path:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    from dicomnode.classify import classify_paths, configure_torch, results_to_json
-    from dicomnode.model import load_model
+    from dicomnode.classification.pipeline import classify_paths, configure_torch, results_to_json
+    from dicomnode.classification.model import load_model
 
     try:
         model = load_model(args.model or None, args.device)

@@ -14,8 +14,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     overrides = {"worker.batch_size": args.batch_size, "worker.device": args.device, "model.path": args.model}
     cfg = config_from_args(args, **overrides)
     setup_logging(cfg.log_level)
-    from dicomnode import worker
-    from dicomnode.node import open_index
+    from dicomnode.queue import worker
+    from dicomnode.db.session import open_index
 
     engine, _ = open_index(cfg)  # refuse to start on a schema not at head (SchemaError -> exit 3)
     engine.dispose()

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Job, Patient, Series, Study, utcnow
-from dicomnode.headers import InstanceHeader
+from dicomnode.receive.headers import InstanceHeader
 
 Outcome = Literal["new", "duplicate", "replaced"]
 

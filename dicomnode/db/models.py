@@ -1,6 +1,6 @@
 """SQLAlchemy models of the index: patients, studies, series, instances, jobs and classification results.
 
-The index holds metadata only; pixel data lives in files written by :mod:`dicomnode.storage`.
+The index holds metadata only; pixel data lives in files written by :mod:`dicomnode.receive.storage`.
 Any change here needs an Alembic revision in ``migrations/versions``.
 """
 

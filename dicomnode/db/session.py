@@ -11,11 +11,14 @@ import sqlite3
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from dicomnode.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +171,13 @@ def ensure_embedded_schema(url: str) -> bool:
         return False
     upgrade(url, backup=False)
     return True
+
+
+def open_index(cfg: "Config") -> tuple[Engine, sessionmaker[Session]]:
+    """Create the embedded schema on first run, refuse a schema not at head, return a session factory."""
+    url = cfg.resolved_database_url
+    if ensure_embedded_schema(url):
+        log.info("created a new index at %s", url)
+    engine = make_engine(url)
+    check_schema(engine)
+    return engine, make_sessionmaker(engine)

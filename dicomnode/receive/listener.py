@@ -1,6 +1,6 @@
 """The DIMSE listener: association policy (AE titles, peers, TLS, limits) and C-ECHO / C-STORE.
 
-Handlers are thin: they hand the bytes the peer sent to :func:`dicomnode.ingest.store_instance`.
+Handlers are thin: they hand the bytes the peer sent to :func:`dicomnode.receive.ingest.store_instance`.
 The received dataset is never decoded and re-encoded; the file holds what was received.
 This module never imports torch or the model: ingest never waits on inference.
 """
@@ -22,10 +22,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import qr
 from dicomnode.config import Config
-from dicomnode.fastpath import FastRequestHandler, part10_bytes
-from dicomnode.ingest import NodeContext, store_instance
+from dicomnode.receive.fastpath import FastRequestHandler, part10_bytes
+from dicomnode.receive.ingest import NodeContext, store_instance
 
-log = logging.getLogger("dicomnode.listener")
+log = logging.getLogger("dicomnode.receive.listener")
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"

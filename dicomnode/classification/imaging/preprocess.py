@@ -1,7 +1,7 @@
 """The one preprocessing of an axial CT slice, shared by the node and the trainer.
 
 A slice arrives as Hounsfield units already turned as DICOM displays a supine patient (rows anterior to
-posterior, columns patient right to left; see :mod:`dicomnode.imaging.pixels`). Preprocessing makes the
+posterior, columns patient right to left; see :mod:`dicomnode.classification.imaging.pixels`). Preprocessing makes the
 anatomy look the same whatever the scanner's field of view:
 
 1. **Physical scale.** The slice is resampled to ``pixel_mm`` millimetres per pixel (default 3.2 mm, so

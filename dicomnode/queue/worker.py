@@ -3,12 +3,12 @@
 Runs as a thread of ``dicomnode serve`` or as its own process (``dicomnode worker``); any number may share
 one index (SQLite on one machine, PostgreSQL on several). Per job:
 
-1. claim it with a lease (:func:`dicomnode.jobs.claim_next`); a keeper thread extends the lease every
+1. claim it with a lease (:func:`dicomnode.queue.jobs.claim_next`); a keeper thread extends the lease every
    third of ``worker.lease_s`` while the job runs, so a worker that dies leaves its job to be claimed
    again once the lease has expired, and a worker whose lease was taken over stops and writes nothing;
-2. read the headers of the series' files, decide scope and order (:mod:`dicomnode.imaging.series`); an
+2. read the headers of the series' files, decide scope and order (:mod:`dicomnode.classification.imaging.series`); an
    out-of-scope series ends ``skipped`` with its reason;
-3. classify (:mod:`dicomnode.classify`; the model is loaded once per worker, on the first job, from
+3. classify (:mod:`dicomnode.classification.pipeline`; the model is loaded once per worker, on the first job, from
    ``model.path`` or the shipped default, on ``worker.device``: CUDA when available under ``auto``);
 4. in one transaction, checking the lease is still held: replace the series' slice results and region
    ranges, and set ``Series.body_parts`` (backslash-joined Body Part Examined terms), ``model_version`` and
@@ -34,11 +34,11 @@ from pathlib import Path
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode import jobs
+from dicomnode.queue import jobs
 from dicomnode.config import Config
 from dicomnode.db.models import Instance, Job, RegionRange, Series, SliceResult, utcnow
 
-log = logging.getLogger("dicomnode.worker")
+log = logging.getLogger("dicomnode.queue.worker")
 
 
 class LeaseLost(RuntimeError):
@@ -55,7 +55,7 @@ class WorkerState:
     stop: threading.Event
     _model: object | None = field(default=None, repr=False)
     _model_stamp: tuple | None = field(default=None, repr=False)
-    #: The last series this worker classified (a :class:`dicomnode.classify.SeriesClassification`, whose
+    #: The last series this worker classified (a :class:`dicomnode.classification.pipeline.SeriesClassification`, whose
     #: ``timings`` include reading the headers and storing the results); for monitoring and benchmarks.
     last_result: object | None = field(default=None, repr=False)
 
@@ -63,7 +63,7 @@ class WorkerState:
         """The classification model (``model.path`` or the shipped default), loaded on first use and
         loaded again when its checkpoint file was replaced (``dicomnode promote`` replaces it atomically),
         so a promoted model is used from the next job on."""
-        from dicomnode.model import checkpoint_path
+        from dicomnode.classification.model import checkpoint_path
 
         path = checkpoint_path(self.cfg.model.path or None)
         try:
@@ -72,8 +72,8 @@ class WorkerState:
         except OSError:
             stamp = None  # load_model below raises the clear error
         if self._model is None or stamp != self._model_stamp:
-            from dicomnode.classify import configure_torch
-            from dicomnode.model import load_model
+            from dicomnode.classification.pipeline import configure_torch
+            from dicomnode.classification.model import load_model
 
             configure_torch(self.cfg.worker.threads)
             self._model = load_model(self.cfg.model.path or None, self.cfg.worker.device)
@@ -139,7 +139,7 @@ def _series_files(sessions: sessionmaker[Session], series_id: int) -> tuple[Seri
 
 
 def _read_all_headers(storage_dir: Path, instances: list[Instance], threads: int = 4):
-    from dicomnode.imaging.series import read_headers
+    from dicomnode.classification.imaging.series import read_headers
 
     paths = [storage_dir / inst.path for inst in instances]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicomnode-headers") as pool:
@@ -153,7 +153,7 @@ def store_results(sessions: sessionmaker[Session], job_id: int, owner: str, seri
 
     ``result`` None removes earlier results (the series is now out of scope).
     """
-    from dicomnode.model import BODY_PARTS
+    from dicomnode.classification.model import BODY_PARTS
 
     now = utcnow()
     with sessions.begin() as s:
@@ -204,8 +204,8 @@ def _release(sessions: sessionmaker[Session], job_id: int, owner: str) -> None:
 
 def process_job(state: WorkerState, job: Job) -> str:
     """Run one claimed job to its end; returns the job's new state (done, skipped, queued, failed, lost)."""
-    from dicomnode.classify import Cancelled, classify_plan
-    from dicomnode.imaging.series import plan_series
+    from dicomnode.classification.pipeline import Cancelled, classify_plan
+    from dicomnode.classification.imaging.series import plan_series
 
     cfg = state.cfg
     with _LeaseKeeper(state, job.id) as keeper:
@@ -277,7 +277,7 @@ def run(cfg: Config, stop: threading.Event, sessions: sessionmaker[Session] | No
     """
     engine = None
     if sessions is None:
-        from dicomnode.node import open_index
+        from dicomnode.db.session import open_index
 
         try:
             engine, sessions = open_index(cfg)

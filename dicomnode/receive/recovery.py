@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Series
 
-log = logging.getLogger("dicomnode.recovery")
+log = logging.getLogger("dicomnode.receive.recovery")
 
 START_MARKER = ".dicomnode-last-start"
 #: Seconds of slack on folder modification times (coarse file-system clocks).

@@ -2,7 +2,7 @@
 
 A checkpoint is a ``torch.save`` dict read back with ``weights_only=True`` (no pickled code), so
 inference rebuilds the model from the file alone. ``load_model(None)`` loads the shipped default model in
-``dicomnode/model/default/model.pt``; a directory is read as ``<dir>/model.pt``.
+``dicomnode/classification/model/default/model.pt``; a directory is read as ``<dir>/model.pt``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicomnode.imaging.preprocess import PreprocessParams
-from dicomnode.model.net import ConvNet, build_net
+from dicomnode.classification.imaging.preprocess import PreprocessParams
+from dicomnode.classification.model.net import ConvNet, build_net
 
 CLASSES: tuple[str, ...] = ("neck", "lungs", "liver", "pelvis", "legs")
 BODY_PARTS: dict[str, str] = {"neck": "NECK", "lungs": "LUNG", "liver": "LIVER", "pelvis": "PELVIS", "legs": "LEG"}

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode import storage
+from dicomnode.receive import storage
 from dicomnode.config import Config
 from dicomnode.db.index import StoredFile, index_instance_cached, instance_exists
-from dicomnode.headers import InstanceHeader, UndecodableDataset, read_header
+from dicomnode.receive.headers import InstanceHeader, UndecodableDataset, read_header
 
-log = logging.getLogger("dicomnode.ingest")
+log = logging.getLogger("dicomnode.receive.ingest")
 
 # C-STORE statuses (PS3.4 B.2.3; 0xCxxx "cannot understand" codes are ours, documented in README).
 SUCCESS = 0x0000

@@ -25,9 +25,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicomnode.imaging.pixels import image_orientation, image_position, number_of_frames, pixel_spacing_mm
+from dicomnode.classification.imaging.pixels import image_orientation, image_position, number_of_frames, pixel_spacing_mm
 
-log = logging.getLogger("dicomnode.imaging.series")
+log = logging.getLogger("dicomnode.classification.imaging.series")
 
 #: Largest angle (degrees) between the slice normal and the head-feet axis for a slice to count as axial.
 MAX_AXIAL_TILT_DEG = 45.0

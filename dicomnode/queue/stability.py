@@ -14,9 +14,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Series, utcnow
-from dicomnode.jobs import enqueue_classification
+from dicomnode.queue.jobs import enqueue_classification
 
-log = logging.getLogger("dicomnode.stability")
+log = logging.getLogger("dicomnode.queue.stability")
 
 CLASSIFIED_MODALITIES = {"CT"}
 

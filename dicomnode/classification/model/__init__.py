@@ -1,6 +1,6 @@
 """The ConvNet, its checkpoints and the shipped default model (one definition for node and trainer)."""
 
-from dicomnode.model.checkpoint import (
+from dicomnode.classification.model.checkpoint import (
     BODY_PARTS,
     CHECKPOINT_NAME,
     CLASSES,
@@ -14,7 +14,7 @@ from dicomnode.model.checkpoint import (
     resolve_device,
     save_checkpoint,
 )
-from dicomnode.model.net import DEFAULT_NET_CONFIG, ConvNet, build_net, complete_net_config
+from dicomnode.classification.model.net import DEFAULT_NET_CONFIG, ConvNet, build_net, complete_net_config
 
 __all__ = [
     "BODY_PARTS", "CHECKPOINT_NAME", "CLASSES", "DEFAULT_MODEL_DIR", "DEFAULT_NET_CONFIG", "ConvNet", "LoadedModel",

@@ -11,7 +11,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
 
-from dicomnode.dataset_check import (
+from dicomnode.receive.dataset_check import (
     DEFLATED,
     EXPLICIT_BE,
     IMPLICIT_LE,
@@ -23,7 +23,7 @@ from dicomnode.dataset_check import (
     dataset_offset,
     file_meta_info,
 )
-from dicomnode.storage import validate_uid
+from dicomnode.receive.storage import validate_uid
 
 # Tags read from the header; pixel data and everything after it is never parsed.
 _TAGS = [

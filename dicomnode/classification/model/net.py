@@ -2,7 +2,7 @@
 
 Five convolutional layers, each followed by (optional) batch normalisation, ReLU and max-pooling, then
 fully connected layers with ReLU and dropout, and a linear layer to the five class logits; softmax is
-applied by :func:`dicomnode.model.predict_proba`. ``net_config`` is a plain dict (stored in checkpoints):
+applied by :func:`dicomnode.classification.model.predict_proba`. ``net_config`` is a plain dict (stored in checkpoints):
 
 =============  ===========================  ====================================================
 key            default                      meaning

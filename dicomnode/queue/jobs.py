@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Series, utcnow
 
-log = logging.getLogger("dicomnode.jobs")
+log = logging.getLogger("dicomnode.queue.jobs")
 
 
 def enqueue_classification(session: Session, series: Series) -> Job:

@@ -1,10 +1,10 @@
 """Classify every slice of a series and find its region ranges: the pipeline of the worker and ``dicomnode classify``.
 
-read + decode (pydicom, :mod:`dicomnode.imaging.pixels`) + preprocess (:mod:`dicomnode.imaging.preprocess`)
+read + decode (pydicom, :mod:`dicomnode.classification.imaging.pixels`) + preprocess (:mod:`dicomnode.classification.imaging.preprocess`)
 run batch by batch in a thread pool, a few batches ahead of the inference that runs in the calling thread,
 so decoding overlaps inference. Only the batches in flight are held in memory (``batch_size`` x
 (``readers`` + ``prefetch``) slices), never the whole float volume, so a 2,000-slice series needs no more
-memory than a 50-slice one. The probabilities (N x 5 floats) are kept; then :mod:`dicomnode.regions`
+memory than a 50-slice one. The probabilities (N x 5 floats) are kept; then :mod:`dicomnode.classification.regions`
 decodes the ordered ranges.
 
 The result (:class:`SeriesClassification`) is plain data; :meth:`SeriesClassification.to_dict` gives the
@@ -25,11 +25,11 @@ from typing import Any, Iterable
 import numpy as np
 import pydicom
 
-from dicomnode.imaging.pixels import dataset_to_hu, pixel_spacing_mm
-from dicomnode.imaging.series import SeriesError, SeriesPlan, SliceHeader, group_series, plan_series
-from dicomnode.regions import CLASS_ORDER, DecodeParams, decode_regions
+from dicomnode.classification.imaging.pixels import dataset_to_hu, pixel_spacing_mm
+from dicomnode.classification.imaging.series import SeriesError, SeriesPlan, SliceHeader, group_series, plan_series
+from dicomnode.classification.regions import CLASS_ORDER, DecodeParams, decode_regions
 
-log = logging.getLogger("dicomnode.classify")
+log = logging.getLogger("dicomnode.classification.pipeline")
 
 #: Width (pixels) of the coronal reformat kept for ``--plot``.
 CORONAL_WIDTH = 256
@@ -181,7 +181,7 @@ def _coronal_line(hu: np.ndarray) -> np.ndarray:
 
 def _prepare_batch(headers: list[SliceHeader], params, keep_coronal: bool):
     """Read, decode and preprocess one batch (runs in a reader thread)."""
-    from dicomnode.imaging.preprocess import preprocess_batch
+    from dicomnode.classification.imaging.preprocess import preprocess_batch
 
     t0 = time.perf_counter()
     items, lines = [], []
@@ -204,7 +204,7 @@ def infer_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 2, 
     Raises ``ValueError`` naming the file when a slice does not decode, :class:`Cancelled` when ``cancel``
     is set between batches.
     """
-    from dicomnode.model import predict_proba
+    from dicomnode.classification.model import predict_proba
 
     timings = timings or StageTimings()
     slices = plan.slices
@@ -247,7 +247,7 @@ def classify_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 
                   keep_coronal: bool = False, cancel: threading.Event | None = None,
                   decode: DecodeParams | None = None, timings: StageTimings | None = None) -> SeriesClassification:
     """Classify an in-scope plan: per-slice probabilities, decoded regions and ranges."""
-    from dicomnode.model import BODY_PARTS
+    from dicomnode.classification.model import BODY_PARTS
 
     if tuple(model.classes) != CLASS_ORDER:
         raise ValueError(f"model {model.version}: classes {tuple(model.classes)} are not the anatomical order "
