@@ -119,6 +119,47 @@ class RetrainConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """Recycling of old studies (issue 11)."""
+
+    enabled: bool = False
+
+
+@dataclass
+class ResultsConfig:
+    """SR and KOS result documents (issue 14)."""
+
+    destinations: list[RemoteAE] = field(default_factory=list)
+
+
+@dataclass
+class RoutingRule:
+    """When a classified series contains ``region`` (at least ``min_slices``), send its slices
+    (``margin_slices`` more on each side) to ``destination``."""
+
+    region: str = ""
+    destination: RemoteAE = field(default_factory=RemoteAE)
+    margin_slices: int = 0
+    min_slices: int = 1
+
+
+@dataclass
+class RoutingConfig:
+    """Routing rules by anatomy (issue 14)."""
+
+    rules: list[RoutingRule] = field(default_factory=list)
+
+
+@dataclass
+class HttpConfig:
+    """The status page, JSON API and metrics (issue 14)."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = 8042
+
+
+@dataclass
 class Config:
     ae_title: str = "DICOMNODE"
     bind_address: str = "0.0.0.0"
@@ -136,6 +177,10 @@ class Config:
     qr: QRConfig = field(default_factory=QRConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     # Derived values ---------------------------------------------------------------------------
     @property
