@@ -1,6 +1,7 @@
-"""``dicomnode evaluate``, ``promote`` and ``retrain`` (registered from :func:`trainer.commands.register`).
+"""``dicomnode evaluate``: evaluate a model on labelled slices: n, error, accuracy and one-vs-rest AUC
+per class, the confusion matrix, the same per source; ``--figures`` writes the paper's figures.
 
-Heavy imports (torch, sklearn, matplotlib) happen inside the command functions only.
+Heavy imports (torch, sklearn, matplotlib) happen inside :func:`run` only.
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ import json
 import logging
 import sys
 
-log = logging.getLogger("trainer.eval_cli")
+from dicomnode.config import Config
+
+log = logging.getLogger("trainer.cli.evaluate")
+
+HELP = "evaluate a model on labelled slices (error, accuracy, AUC, confusion)"
 
 
-# ---------------------------------------------------------------------------------------------------
-# evaluate
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, cfg: Config) -> int:
     """Evaluate a model on labels files; print a summary or ``--json``; optionally write the figures."""
-    from dicomnode.logconfig import setup_logging
+    from dicomnode.cli import require_extra
 
-    setup_logging(args.log_level or "WARNING")
+    require_extra("evaluate", "sklearn", "nibabel", "PIL")
     from dicomnode.classification.model import load_model
     from trainer.datasets import LabelsError
     from trainer.evaluate import metrics_from_outputs, run_model
@@ -132,8 +133,7 @@ def format_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def register_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a model on labelled slices (error, accuracy, AUC, confusion)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR_OR_FILE", default=None,
                    help="checkpoint or run directory (default: the shipped default model)")
     p.add_argument("--labels", metavar="CSV", action="append",
@@ -147,83 +147,3 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--figures", metavar="DIR", help="write confusion, ROC, filters, t-SNE and TPS figures here")
     p.add_argument("--batch-size", type=int, default=64, help="slices per inference batch (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default WARNING)")
-    p.set_defaults(func=cmd_evaluate)
-
-
-# ---------------------------------------------------------------------------------------------------
-# promote
-
-
-def cmd_promote(args: argparse.Namespace) -> int:
-    """Install a model where the node's config points (``model.path``)."""
-    from dicomnode.logconfig import setup_logging
-
-    setup_logging(args.log_level or "INFO")
-    from trainer.promote import promote
-
-    try:
-        record = promote(args.model, args.config)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"dicomnode promote: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(record, indent=2))
-    else:
-        prev = record["previous_version"] or "none (the shipped default)"
-        print(f"promoted {record['version']} to {record['target']} (previous: {prev})")
-        if record["config_updated"]:
-            print(f"set model.path in {args.config} to {record['target']}; restart a running node to read it")
-        else:
-            print("the node uses it from its next job on")
-    return 0
-
-
-def register_promote(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("promote", help="install a trained model for the node (where model.path points)")
-    p.add_argument("model", metavar="MODEL", help="checkpoint file or run directory")
-    p.add_argument("--config", "-c", metavar="FILE", required=True, help="the node's YAML configuration")
-    p.add_argument("--json", action="store_true", help="print the promotion record as JSON")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
-    p.set_defaults(func=cmd_promote)
-
-
-# ---------------------------------------------------------------------------------------------------
-# retrain
-
-
-def cmd_retrain(args: argparse.Namespace) -> int:
-    """Run the scheduled retraining (``retrain`` in the config), or one run now with ``--once``."""
-    from dicomnode.config import load_config
-    from dicomnode.logconfig import setup_logging
-
-    cfg = load_config(args.config)
-    setup_logging(args.log_level or cfg.log_level)
-    from trainer import retrain
-
-    if args.once:
-        result = retrain.retrain_once(cfg, args.config)
-        print(json.dumps(result, indent=2))
-        return 0
-    import signal
-    import threading
-
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return retrain.run_scheduler(cfg, args.config, stop)
-
-
-def register_retrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retrain", help="scheduled retraining: mine, train, evaluate, promote if not worse")
-    p.add_argument("--config", "-c", metavar="FILE", required=True, help="the node's YAML configuration")
-    p.add_argument("--once", action="store_true", help="one run now (ignores retrain.enabled and the cron)")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
-    p.set_defaults(func=cmd_retrain)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``evaluate``, ``promote`` and ``retrain`` to ``dicomnode``."""
-    register_evaluate(subparsers)
-    register_promote(subparsers)
-    register_retrain(subparsers)

@@ -1,5 +1,8 @@
 """``dicomnode mine``: build a labelled dataset from a PACS (see :mod:`trainer.mine`).
 
+Find CT studies by StudyDescription keywords, take their key images (KOS) or a sample of slices, label
+them by the label map and write a dataset folder with labels.csv.
+
 ::
 
     dicomnode mine --config config.yaml --keywords liver --keywords "lung*" --since 2020-01-01 --out ./dataset
@@ -14,6 +17,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from typing import Any
+
+from dicomnode.config import Config
+
+HELP = "build a labelled CT dataset from a PACS (C-FIND by keywords, C-MOVE/C-GET)"
 
 
 def _date(text: str) -> dt.date:
@@ -23,23 +31,24 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
-def cmd_mine(args: argparse.Namespace) -> int:
-    """Run the miner with the config file and the command line's overrides."""
-    from dicomnode.cli import config_from_args
-    from dicomnode.logconfig import setup_logging
-    from trainer.mine import MineOptions, MiningError, mine, parse_remote, summary
+def _remote(text: str, flag: str) -> dict:
+    from trainer.mine import parse_remote
 
-    overrides: dict = {"mining.use_c_get": True if args.use_c_get else None}
     try:
-        if args.pacs:
-            overrides["mining.pacs"] = vars(parse_remote(args.pacs, "--pacs"))
-        if args.move_dest:
-            overrides["mining.move_destination"] = vars(parse_remote(args.move_dest, "--move-dest"))
+        return vars(parse_remote(text, flag))
     except ValueError as exc:
-        print(f"dicomnode mine: {exc}", file=sys.stderr)
-        return 2
-    cfg = config_from_args(args, **overrides)
-    setup_logging(cfg.log_level)
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"mining.use_c_get": True if args.use_c_get else None,
+            "mining.pacs": args.pacs, "mining.move_destination": args.move_dest}
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Run the miner with the config file and the command line's overrides."""
+    from trainer.mine import MineOptions, MiningError, mine, summary
+
     if args.since and args.until and args.since > args.until:
         print(f"dicomnode mine: --since {args.since} is after --until {args.until}", file=sys.stderr)
         return 2
@@ -57,25 +66,17 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``mine`` to the ``dicomnode`` parser."""
-    from dicomnode.cli import add_config_arguments
-
-    p = subparsers.add_parser("mine", help="build a labelled CT dataset from a PACS (C-FIND by keywords, C-MOVE/C-GET)",
-                              description="Find CT studies by StudyDescription keywords, take their key images "
-                                          "(KOS) or a sample of slices, label them by the label map and write a "
-                                          "dataset folder with labels.csv.")
-    add_config_arguments(p)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keywords", "-k", action="append", required=True, metavar="WORD",
                    help="StudyDescription keyword, wildcards * and ? allowed, case and accents ignored; repeat")
     p.add_argument("--since", type=_date, metavar="YYYY-MM-DD", help="first StudyDate")
     p.add_argument("--until", type=_date, metavar="YYYY-MM-DD", help="last StudyDate")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder (images/, labels.csv, excluded.csv)")
     p.add_argument("--dry-run", action="store_true", help="query and print what would be retrieved; transfer nothing")
-    p.add_argument("--pacs", metavar="AE@HOST:PORT", help="the PACS (overrides mining.pacs)")
-    p.add_argument("--move-dest", metavar="AE@HOST:PORT",
+    p.add_argument("--pacs", metavar="AE@HOST:PORT", type=lambda t: _remote(t, "--pacs"),
+                   help="the PACS (overrides mining.pacs)")
+    p.add_argument("--move-dest", metavar="AE@HOST:PORT", type=lambda t: _remote(t, "--move-dest"),
                    help="our storage AE as the PACS knows it (overrides mining.move_destination)")
     p.add_argument("--use-c-get", action="store_true", help="retrieve with C-GET instead of C-MOVE")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level 80/20 split (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_mine)

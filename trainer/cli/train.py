@@ -1,8 +1,5 @@
-"""Trainer subcommands of ``dicomnode``: ``train`` (and ``evaluate``/``promote``, added beside it).
-
-Each command is a ``cmd_<name>(args) -> int`` function registered in :func:`register`; heavy imports
-(torch, the trainer modules) happen only inside the command functions.
-"""
+"""``dicomnode train``: train the ConvNet on labels.csv files into ``--out`` (model.pt, state.pt,
+train_report.json); prints a JSON summary."""
 
 from __future__ import annotations
 
@@ -10,12 +7,16 @@ import argparse
 import json
 import sys
 
+from dicomnode.config import Config
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """``dicomnode train``: train a model from labels files into ``--out``."""
-    from dicomnode.logconfig import setup_logging
+HELP = "train the ConvNet on labels.csv files"
 
-    setup_logging(args.log_level)
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Train a model from labels files into ``--out``."""
+    from dicomnode.cli import require_extra
+
+    require_extra("train", "nibabel", "PIL")
     from trainer.datasets import LabelsError
     from trainer.train import TrainSettings, train
 
@@ -44,9 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the trainer's subcommands to the ``dicomnode`` parser."""
-    p = subparsers.add_parser("train", help="train the ConvNet on labels.csv files")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", action="append", required=True, metavar="CSV",
                    help="labels file (labels.csv layout); repeat for several")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (model.pt, state.pt, train_report.json)")
@@ -71,9 +70,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--net-config", metavar="JSON", help="net config overrides, e.g. '{\"widths\": [16,32,64,64,128]}'")
     p.add_argument("--preprocess", metavar="JSON", help="preprocessing overrides, e.g. '{\"size\": 128}'")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.set_defaults(func=cmd_train)
-
-    from trainer import eval_cli  # evaluate, promote, retrain (light module: heavy imports inside commands)
-
-    eval_cli.register(subparsers)

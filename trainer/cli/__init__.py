@@ -1,0 +1,1 @@
+"""The trainer's subcommands of ``dicomnode`` (listed in :data:`dicomnode.cli.COMMANDS`)."""
