@@ -28,7 +28,7 @@ def test_wheel_contents(wheel):
         assert f"dicomnode/migrations/versions/{revision.name}" in names
     assert {"dicomnode/migrations/env.py", "dicomnode/migrations/script.py.mako",
             "dicomnode/classification/model/default/model.pt", "dicomnode/classification/model/default/MODEL_CARD.md",
-            "trainer/label_map.yaml", "dicomnode/commands/classify.py"} <= names
+            "trainer/label_map.yaml", "dicomnode/cli/classify.py", "trainer/cli/evaluate.py"} <= names
     packages = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
     on_disk = {str(p.parent.relative_to(REPO)) for p in (REPO / "dicomnode").rglob("__init__.py")}
     assert on_disk <= packages  # every subpackage is listed in pyproject.toml

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 from types import ModuleType
@@ -69,8 +68,12 @@ class MissingExtra(RuntimeError):
 def require_extra(command: str, *modules: str) -> None:
     """Raise :class:`MissingExtra` (naming the extra to install) unless every module can be imported."""
     for module in modules:
-        if importlib.util.find_spec(module) is None:
-            raise MissingExtra(module, command)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] == module.split(".")[0]:
+                raise MissingExtra(module, command) from None
+            raise
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +148,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dicomnode: {exc}", file=sys.stderr)
             return 3
         raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-"""``dicomnode db``: the index's schema (``upgrade``, ``current``).
+"""``dicomnode db COMMAND``: the index database (schema upgrade, current revision).
 
-Each database command is a function ``run_<name>(args, cfg) -> int`` registered in :data:`SUBCOMMANDS`.
+Each database command is a ``run_<name>(args, cfg) -> int`` function listed in ``SUBCOMMANDS``.
 """
 
 from __future__ import annotations

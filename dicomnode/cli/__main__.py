@@ -1,0 +1,7 @@
+"""``python -m dicomnode.cli``: the same as the ``dicomnode`` command."""
+
+import sys
+
+from dicomnode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The administrator's page, JSON API, Prometheus metrics and health check."""
