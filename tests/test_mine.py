@@ -554,3 +554,26 @@ def test_partial_retrieval_keeps_what_arrived_and_fetches_the_rest_later(tmp_pat
         again = mine(cfg, MineOptions(keywords=["liver"], out_dir=out, progress=False))
         assert {r["sop_instance_uid"] for r in _rows(out)} == set(planned)
         assert again.already_present == len(first) and again.retrieved == 4 - len(first)
+
+
+def test_the_miners_storage_scp_checks_the_request_uids_like_the_node(tmp_path):
+    """The miner's C-STORE handler refuses a dataset whose SOP Instance / Class UID is not the request's
+    (0xA900), as the node's does, and writes nothing; the matching request is stored."""
+    import threading
+
+    from dicomnode.dicom_status import DATASET_DOES_NOT_MATCH_SOP_CLASS, SUCCESS
+    from trainer.pacs import _store_status
+
+    path = CT_FIXTURES / "series" / "dcmqi_ge_3slice" / "01.dcm"
+    encoded = path.read_bytes()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    uid, cls = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+    expected, received, lock = {uid}, set(), threading.Lock()
+    out = tmp_path / "dataset"
+    assert _store_status(encoded, out, expected, received, lock, False, cls, generate_uid()) == \
+        DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert _store_status(encoded, out, expected, received, lock, False, "1.2.840.10008.5.1.4.1.1.7", uid) == \
+        DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert not out.exists() and not received
+    assert _store_status(encoded, out, expected, received, lock, False, cls, uid) == SUCCESS
+    assert received == {uid} and len(list(out.rglob("*.dcm"))) == 1

@@ -22,7 +22,15 @@ from pydicom.dataset import Dataset
 
 from dicomnode.receive import storage
 from dicomnode.config import AE_TITLE_RE, Config, RemoteAE
-from dicomnode.receive.headers import UndecodableDataset, read_header
+from dicomnode.dicom_status import (
+    CANCEL,
+    MOVE_DESTINATION_UNKNOWN,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    WARNING_SUB_OPERATIONS,
+)
+from dicomnode.dicom_status import NOT_AUTHORIZED as STORE_NOT_REQUESTED  # an instance this run did not ask for
+from dicomnode.dicom_status import PENDING_CODES as PENDING
 from dicomnode.receive.listener import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, STORAGE_TRANSFER_SYNTAXES
 
 log = logging.getLogger("trainer.pacs")
@@ -33,10 +41,6 @@ IMAGES_DIR = "images"
 KOS_DIR = "kos"
 
 # C-FIND / C-MOVE / C-GET statuses
-PENDING = (0xFF00, 0xFF01)
-CANCEL = 0xFE00
-MOVE_DESTINATION_UNKNOWN = 0xA801
-STORE_NOT_REQUESTED = 0x0124  # Refused: Not Authorized (an instance this run did not ask for)
 
 
 class MiningError(RuntimeError):
@@ -164,9 +168,9 @@ class Pacs:
                         if ident is not None:
                             answers.append(ident)
                         continue
-                    if code == 0x0000:
+                    if code == SUCCESS:
                         return answers, False
-                    if code == CANCEL or code == 0xA700:
+                    if code == CANCEL or code == OUT_OF_RESOURCES:
                         return answers, True
                     comment = status.get("ErrorComment", "")
                     raise MiningError(f"the PACS {self.name} refused {what}: status 0x{code:04X}"
@@ -229,18 +233,17 @@ class Pacs:
 # Retrieval ------------------------------------------------------------------------------------------
 
 def _store_status(encoded: bytes, out_dir: Path, expected: set[str], received: set[str], lock: threading.Lock,
-                  fsync: bool) -> int:
-    """Write one received instance under ``out_dir`` (images/ or kos/); the C-STORE status to answer."""
-    from dicomnode.receive.ingest import CANNOT_DECODE, INVALID_UID, OUT_OF_RESOURCES, SUCCESS
+                  fsync: bool, request_sop_class_uid: str | None = None, request_sop_instance_uid: str | None = None,
+                  calling_ae_title: str = "") -> int:
+    """Write one received instance under ``out_dir`` (images/ or kos/); the C-STORE status to answer.
 
-    try:
-        header = read_header(encoded)
-    except UndecodableDataset as exc:
-        log.warning("received instance refused (0x%04X): %s", CANNOT_DECODE, exc)
-        return CANNOT_DECODE
-    except storage.InvalidUID as exc:
-        log.warning("received instance refused (0x%04X): %s", INVALID_UID, exc)
-        return INVALID_UID
+    The bytes are checked as the node checks them (:func:`dicomnode.receive.ingest.check_received`: the
+    dataset decodes, its UIDs are valid and match the request's)."""
+    from dicomnode.receive.ingest import check_received
+
+    header = check_received(encoded, calling_ae_title, request_sop_class_uid, request_sop_instance_uid)
+    if isinstance(header, int):
+        return header
     uid = header.sop_instance_uid
     with lock:
         wanted = uid in expected
@@ -303,7 +306,7 @@ class Retriever:
             status = assoc.send_c_echo()
         finally:
             assoc.release()
-        return _status(status) == 0x0000
+        return _status(status) == SUCCESS
 
     def start(self) -> None:
         if self.mode == "c-get":
@@ -334,8 +337,10 @@ class Retriever:
             self._server = None
 
     def _handle_store(self, event) -> int:
+        request = event.request
         return _store_status(event.encoded_dataset(include_meta=True), self.out_dir, self.expected, self.received,
-                             self._lock, self.cfg.listener.fsync)
+                             self._lock, self.cfg.listener.fsync, str(request.AffectedSOPClassUID or ""),
+                             str(request.AffectedSOPInstanceUID or ""), event.assoc.requestor.ae_title)
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uids: list[str], kos: bool = False) -> list[str]:
         """Retrieve instances of one series at IMAGE level; return the SOP UIDs now in the dataset folder.
@@ -371,7 +376,7 @@ class Retriever:
             with self._lock:
                 got = [u for u in sop_uids if u in self.received]
         if not got:
-            if code in (0x0000, 0xB000) or code in PENDING:
+            if code in (SUCCESS, WARNING_SUB_OPERATIONS) or code in PENDING:
                 where = (f"the node's storage {self.cfg.resolved_storage_dir}" if self.mode == "node"
                          else f"our storage SCP {describe_remote(self.dest)}" if self.mode == "c-move"
                          else "this association")

@@ -20,13 +20,15 @@ from dicomnode.receive.headers import InstanceHeader, UndecodableDataset, read_h
 log = logging.getLogger("dicomnode.receive.ingest")
 
 # C-STORE statuses (PS3.4 B.2.3; 0xCxxx "cannot understand" codes are ours, documented in README).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_DECODE = 0xC210
-INVALID_UID = 0xC220
-DUPLICATE_REJECTED = 0xC230
-INDEX_FAILED = 0xC240
+from dicomnode.dicom_status import (  # the C-STORE statuses (re-exported)
+    CANNOT_DECODE,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    DUPLICATE_REJECTED,
+    INDEX_FAILED,
+    INVALID_UID,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
 
 
 @dataclass
@@ -43,14 +45,14 @@ class NodeContext:
         return self.config.resolved_storage_dir  # resolved once: resolve() costs syscalls per call
 
 
-def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
-                   expected_sop_class_uid: str | None = None,
-                   expected_sop_instance_uid: str | None = None) -> int:
-    """Store the Part 10 bytes ``encoded`` (preamble + meta + dataset as received); return the status.
+def check_received(encoded: bytes, calling_ae_title: str = "", expected_sop_class_uid: str | None = None,
+                   expected_sop_instance_uid: str | None = None) -> InstanceHeader | int:
+    """Read the header of received Part 10 bytes and check it against the C-STORE request.
 
-    Success is returned only after the file is fsynced, renamed into place and its index row committed.
+    Returns the header, or the refusal status (logged, naming the instance by UID): 0xC210 the dataset
+    does not decode, 0xC220 a required UID is missing or invalid, 0xA900 its SOP Class / Instance UID
+    differs from the request's. Used by the node's C-STORE handler and by the miner's storage SCP.
     """
-    cfg = ctx.config.listener
     try:
         header: InstanceHeader = read_header(encoded)
     except UndecodableDataset as exc:
@@ -59,7 +61,6 @@ def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
     except storage.InvalidUID as exc:
         log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae_title, INVALID_UID, exc)
         return INVALID_UID
-
     uid = header.sop_instance_uid
     if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
         log.warning("C-STORE %s from %s refused (0x%04X): dataset SOPClassUID %s != request's %s", uid,
@@ -69,6 +70,21 @@ def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
         log.warning("C-STORE %s from %s refused (0x%04X): dataset SOPInstanceUID differs from the request's %s",
                     uid, calling_ae_title, DATASET_DOES_NOT_MATCH_SOP_CLASS, expected_sop_instance_uid)
         return DATASET_DOES_NOT_MATCH_SOP_CLASS
+    return header
+
+
+def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
+                   expected_sop_class_uid: str | None = None,
+                   expected_sop_instance_uid: str | None = None) -> int:
+    """Store the Part 10 bytes ``encoded`` (preamble + meta + dataset as received); return the status.
+
+    Success is returned only after the file is fsynced, renamed into place and its index row committed.
+    """
+    cfg = ctx.config.listener
+    header = check_received(encoded, calling_ae_title, expected_sop_class_uid, expected_sop_instance_uid)
+    if isinstance(header, int):
+        return header
+    uid = header.sop_instance_uid
 
     rel = storage.relative_path(header.study_instance_uid, header.series_instance_uid, uid)
     if cfg.duplicate_policy != "replace":
