@@ -228,15 +228,16 @@ def cron_trigger(cfg: Config):
 
 
 def run_scheduler(cfg: Config, config_path: str | Path | None, stop: threading.Event,
-                  job: Callable[..., Any] = retrain_once) -> int:
-    """Run ``job`` on ``retrain.cron`` until ``stop`` is set; returns 0 (2 when retraining is off)."""
+                  job: Callable[..., Any] = retrain_once, trigger: Any = None) -> int:
+    """Run ``job`` on ``retrain.cron`` (or an APScheduler ``trigger``) until ``stop`` is set; returns 0
+    (2 when retraining is off). A run that raises is logged and the schedule goes on."""
     if not cfg.retrain.enabled:
         log.warning("retraining is off (retrain.enabled is false); nothing scheduled")
         return 2
     _check(cfg)
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    trigger = cron_trigger(cfg)
+    trigger = trigger if trigger is not None else cron_trigger(cfg)
 
     def run() -> None:
         try:
