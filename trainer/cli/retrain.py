@@ -17,6 +17,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if not args.config:
         print("dicomnode retrain: --config is required (the node's YAML configuration)", file=sys.stderr)
         return 2
+    from dicomnode.cli import require_extra
+
+    require_extra("retrain", "sklearn", "nibabel", "PIL")
     from trainer import retrain
 
     if args.once:
