@@ -21,6 +21,7 @@ besides the SQLite index.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import socket
 import statistics
@@ -215,7 +216,8 @@ def start_node(url: str, db_dir: Path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = load_config(None, {"database_url": url, "data_dir": str(db_dir), "port": port, "bind_address": "127.0.0.1",
-                             "worker.enabled": False})
+                             "worker.enabled": False,
+                             "qr.allowed_peers": [{"ae_title": "QRBENCH", "host": "127.0.0.1"}]})
     engine = make_engine(url)
     return start_listener(NodeContext(cfg, make_sessionmaker(engine))), port, engine
 
@@ -229,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     db_dir = args.db_dir or Path(tempfile.mkdtemp(prefix="qrbench-"))
     db_dir.mkdir(parents=True, exist_ok=True)
-    print(f"SQLite files in {db_dir}; {args.repeat} runs per query, median / worst, through dicomnode.qr.find.find")
+    print(f"SQLite files in {db_dir}; {args.repeat} runs per query, median / worst, through dicomnode.qr.find.find; "
+          f"ratios against the first query of each size (a one-patient lookup, the anchor of the run); "
+          f"load average {os.getloadavg()[0]:.2f}")
     for size in args.sizes:
         path = db_dir / f"index-{size}.sqlite"
         path.unlink(missing_ok=True)
@@ -244,17 +248,23 @@ def main(argv: list[str] | None = None) -> int:
         server = port = node_engine = None
         if args.network:
             server, port, node_engine = start_node(url, db_dir)
+        anchor = net_anchor = None
         for label, keys in queries(sample):
             median, worst, n = time_query(sessions, keys, args.repeat)
-            line = f"  {label:<44} {median:8.2f} ms  (worst {worst:8.2f} ms)  {n:6d} response(s)"
+            anchor = anchor or median
+            line = (f"  {label:<44} {median:8.2f} ms  (worst {worst:8.2f} ms, x{median / anchor:5.1f} anchor)  "
+                    f"{n:6d} response(s)")
             if port:
                 net_median, net_worst, net_n = time_network(port, keys, args.repeat)
-                line += f" | C-FIND over loopback {net_median:8.2f} ms (worst {net_worst:8.2f} ms) {net_n:6d}"
+                net_anchor = net_anchor or net_median
+                line += (f" | C-FIND over loopback {net_median:8.2f} ms (worst {net_worst:8.2f} ms, "
+                         f"x{net_median / net_anchor:5.1f}) {net_n:6d}")
             print(line, flush=True)
         if server:
             server.shutdown()
             node_engine.dispose()
         engine.dispose()
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

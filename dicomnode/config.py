@@ -56,12 +56,15 @@ class ListenerConfig:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    max_pdu_bytes: int = 1048576
     processes: int = 0
+    sop_classes: list[str] = field(default_factory=list)
     extra_sop_classes: list[str] = field(default_factory=list)
     duplicate_policy: Literal["keep", "replace", "reject"] = "keep"
     min_free_space_mb: int = 512
     fsync: bool = True
     power_loss_safe: bool = False
+    file_mode: str = "0640"
 
 
 @dataclass
@@ -75,13 +78,17 @@ class SecurityConfig:
 class WorkerConfig:
     enabled: bool = True
     threads: int = 0
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = 0.25
     lease_s: float = 600.0
     max_attempts: int = 3
     retry_backoff_s: float = 30.0
     min_slices: int = 5
     batch_size: int = 32
     device: str = "auto"
+    processes: int = 1
+    nice: int = 19
+    early: bool = True
+    release_grace_s: float = 1.0
 
 
 @dataclass
@@ -91,8 +98,12 @@ class ModelConfig:
 
 @dataclass
 class QRConfig:
+    """Query/retrieve: move destinations, who may query and retrieve (dicomnode.qr.access), limits."""
+
     move_destinations: list[RemoteAE] = field(default_factory=list)
     max_find_results: int = 0
+    allowed_peers: list[AllowedPeer] = field(default_factory=list)
+    allow_any_peer: bool = False
 
 
 @dataclass
@@ -120,9 +131,12 @@ class RetrainConfig:
 
 @dataclass
 class RetentionConfig:
-    """Recycling of old studies (issue 11)."""
+    """Recycling of old studies (Orthanc's MaximumStorageSize): dicomnode.receive.retention."""
 
     enabled: bool = False
+    max_storage_mb: int = 0
+    max_age_days: float = 0.0
+    check_interval_s: float = 300.0
 
 
 @dataclass
@@ -130,6 +144,9 @@ class ResultsConfig:
     """SR and KOS result documents (issue 14)."""
 
     destinations: list[RemoteAE] = field(default_factory=list)
+    enabled: bool = True
+    structured_report: bool = True
+    key_objects: bool = True
 
 
 @dataclass
@@ -157,6 +174,8 @@ class HttpConfig:
     enabled: bool = True
     bind_address: str = "127.0.0.1"
     port: int = 8042
+    #: When set, every request but /healthz needs ``Authorization: Bearer <token>`` (or ``?token=``).
+    token: str = ""
 
 
 @dataclass
@@ -271,6 +290,31 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _validate_remote(remote: RemoteAE, key: str) -> None:
+    if not AE_TITLE_RE.match(remote.ae_title):
+        raise ConfigError(f"config key '{key}.ae_title': {remote.ae_title!r} is not a valid AE title")
+    if not 0 < remote.port < 65536:
+        raise ConfigError(f"config key '{key}.port': {remote.port} is not a TCP port (1-65535)")
+
+
+def _validate_results(cfg: Config) -> None:
+    """results.destinations and routing.rules (issue 14)."""
+    from dicomnode.results.anatomy import REGION_CODES
+
+    for i, dest in enumerate(cfg.results.destinations):
+        _validate_remote(dest, f"results.destinations[{i}]")
+    for i, rule in enumerate(cfg.routing.rules):
+        key = f"routing.rules[{i}]"
+        if rule.region not in REGION_CODES:
+            raise ConfigError(f"config key '{key}.region': {rule.region!r} is not a region "
+                              f"(one of {', '.join(REGION_CODES)})")
+        _validate_remote(rule.destination, f"{key}.destination")
+        if rule.margin_slices < 0:
+            raise ConfigError(f"config key '{key}.margin_slices': must not be negative")
+        if rule.min_slices < 1:
+            raise ConfigError(f"config key '{key}.min_slices': must be at least 1")
+
+
 def validate(cfg: Config) -> Config:
     """Check values that a type alone cannot; raises :class:`ConfigError` naming the key."""
     if not AE_TITLE_RE.match(cfg.ae_title):
@@ -281,10 +325,26 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'stable_age_s': must be greater than 0")
     if cfg.listener.max_associations < 1:
         raise ConfigError("config key 'listener.max_associations': must be at least 1")
+    if not 4096 <= cfg.listener.max_pdu_bytes <= 64 << 20:
+        raise ConfigError("config key 'listener.max_pdu_bytes': must be between 4096 and 67108864 (64 MiB)")
+    try:
+        file_mode = int(cfg.listener.file_mode, 8)
+    except ValueError:
+        file_mode = -1
+    if not 0 <= file_mode <= 0o777 or not file_mode & 0o600 == 0o600:
+        raise ConfigError(f"config key 'listener.file_mode': {cfg.listener.file_mode!r} is not an octal mode "
+                          "between 0600 and 0777 (the owner must read and write)")
+    if cfg.retention.max_storage_mb < 0 or cfg.retention.max_age_days < 0 or cfg.retention.check_interval_s <= 0:
+        raise ConfigError("config keys 'retention.max_storage_mb' and 'retention.max_age_days' must be 0 (no limit) "
+                          "or more, 'retention.check_interval_s' greater than 0")
     if cfg.listener.processes < 0:
         raise ConfigError("config key 'listener.processes': must be 0 (automatic) or more")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("config key 'worker.max_attempts': must be at least 1")
+    if not 0 <= cfg.worker.nice <= 19:
+        raise ConfigError("config key 'worker.nice': must be between 0 and 19")
+    if cfg.worker.processes < 0 or cfg.worker.release_grace_s < 0:
+        raise ConfigError("config keys 'worker.processes' and 'worker.release_grace_s': must be 0 or more")
     for i, dest in enumerate(cfg.qr.move_destinations):
         if not AE_TITLE_RE.match(dest.ae_title):
             raise ConfigError(f"config key 'qr.move_destinations[{i}].ae_title': {dest.ae_title!r} is not a valid AE title")
@@ -302,6 +362,7 @@ def validate(cfg: Config) -> Config:
     if cfg.mining.max_results_per_query < 0 or cfg.mining.pause_between_studies_s < 0:
         raise ConfigError("config keys 'mining.max_results_per_query' and 'mining.pause_between_studies_s' "
                           "must not be negative")
+    _validate_results(cfg)
     tls = cfg.security.tls
     if tls.enabled:
         for key in ("certificate", "private_key"):

@@ -2,8 +2,10 @@
 
 The main process checks the schema, binds the port, starts N listener processes that accept from that
 one socket (one Python process is bound to one core, so concurrent associations need several, as
-DCMTK's ``--fork``), runs the stability job and, unless disabled, the classification worker. Ctrl-C or
-SIGTERM stops everything cleanly; a listener process that dies is restarted.
+DCMTK's ``--fork``), runs the stability job and, unless disabled, ``worker.processes`` classification
+worker processes (at ``worker.nice``; torch is imported only there). Ctrl-C or SIGTERM stops everything
+cleanly; a listener or worker process that dies is restarted (a worker killed by the kernel for memory
+or crashing in torch takes nothing else with it; its job is claimed again once the lease expired).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -35,10 +38,45 @@ def listener_processes(cfg: Config) -> int:
     return cfg.listener.processes or max(1, min(4, 2 * (os.cpu_count() or 1)))
 
 
-def _listener_main(cfg: Config, listening: socket.socket, max_associations: int, ready: mp.Event) -> None:
-    """Body of a listener process: serve associations accepted from the shared socket."""
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (PR_SET_PDEATHSIG), even by SIGKILL.
+
+    Elsewhere (or if prctl fails) the listener's ppid watch below is the only check. A parent that
+    died before the call is caught by comparing the ppid afterwards.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); relying on the parent watch",
+                            ctypes.get_errno())
+        except (OSError, AttributeError) as exc:
+            log.warning("prctl(PR_SET_PDEATHSIG) unavailable (%s); relying on the parent watch", exc)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+#: Seconds a listener process waits for its server to shut down before it exits anyway.
+_SHUTDOWN_GRACE_S = 5.0
+
+
+def _listener_main(cfg: Config, listening: socket.socket, slot: int, counts, parent: int, ready) -> None:
+    """Body of a listener process: serve associations accepted from the shared socket.
+
+    ``counts`` is the node's shared association count array and ``slot`` this process's index in it
+    (see :mod:`dicomnode.receive.association_limit`); ``parent`` the main process's PID; ``ready`` the
+    write end of a pipe (a pipe, not an Event: an Event's lock held by a parent killed mid-wait would
+    block this process for ever).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us with SIGTERM
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     setup_logging(cfg.log_level)
+    _die_with_parent(parent)
+    from dicomnode.receive.association_limit import AssociationSlots
     from dicomnode.receive.ingest import NodeContext
     from dicomnode.receive.listener import start_listener
 
@@ -49,18 +87,64 @@ def _listener_main(cfg: Config, listening: socket.socket, max_associations: int,
     engine = make_engine(cfg.resolved_database_url,
                          sqlite_synchronous="FULL" if cfg.listener.power_loss_safe else "NORMAL")
     ctx = NodeContext(cfg, make_sessionmaker(engine))
-    server = start_listener(ctx, listening=listening, max_associations=max_associations)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    parent = os.getppid()
-    ready.set()
-    # Exit with the main process, even when it was killed with SIGKILL and could not stop us.
+    slots = AssociationSlots(cfg.listener.max_associations, counts, slot)
+    server = start_listener(ctx, listening=listening, slots=slots)
+    from dicomnode.queue.stability import release_handlers
+
+    for event, handler in release_handlers(ctx.sessions):  # early completeness (worker.release_grace_s)
+        server.bind(event, handler)
+    try:
+        ready.send_bytes(b"1")
+        ready.close()
+    except OSError:  # the main process is gone already
+        stop.set()
+    # Exit with the main process, even when it was killed with SIGKILL and could not stop us:
+    # SIGTERM from PR_SET_PDEATHSIG, or this ppid watch where that is not available.
     while not stop.wait(1.0):
         if os.getppid() != parent:
+            log.warning("main process %d is gone; listener process exiting", parent)
             break
-    server.shutdown()
-    server.server_close()
-    engine.dispose()
+
+    def shut_down() -> None:
+        server.shutdown()
+        server.server_close()
+        engine.dispose()
+
+    closer = threading.Thread(target=shut_down, name="dicomnode-listener-stop", daemon=True)
+    closer.start()
+    closer.join(_SHUTDOWN_GRACE_S)
+    if closer.is_alive():  # an association thread holds the server: leave anyway, files are fsynced
+        log.warning("listener shutdown did not finish within %.0f s; exiting", _SHUTDOWN_GRACE_S)
+        logging.shutdown()
+        os._exit(0)
+
+
+def _worker_main(cfg: Config, parent: int) -> None:
+    """Body of a worker process: classification jobs (and early slices) until SIGTERM or the parent dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us with SIGTERM
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    setup_logging(cfg.log_level)
+    _die_with_parent(parent)
+    if cfg.worker.nice:
+        try:
+            os.nice(cfg.worker.nice)
+        except OSError as exc:
+            log.warning("worker: could not set niceness %d: %s", cfg.worker.nice, exc)
+
+    def watch_parent() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                stop.set()
+
+    threading.Thread(target=watch_parent, name="dicomnode-parent-watch", daemon=True).start()
+    from dicomnode.queue import worker
+
+    worker.run(cfg, stop)
+
+
+#: Seconds between two restarts of one worker process (a worker that dies at once is not respawned in a loop).
+_WORKER_RESTART_S = 5.0
 
 
 def serve(cfg: Config, stop: threading.Event | None = None) -> int:
@@ -69,21 +153,34 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
     engine, sessions = open_index(cfg)
     storage_dir = cfg.resolved_storage_dir
     storage_dir.mkdir(parents=True, exist_ok=True)
-    recover_at_start(cfg.resolved_data_dir, storage_dir, sessions)
+    recover_at_start(cfg.resolved_data_dir, storage_dir, sessions, cfg.listener.duplicate_policy)
+    from dicomnode.http import metrics
+
+    metrics_folder = metrics.setup(cfg.resolved_data_dir, fresh=True)  # before the children: they inherit it
 
     from dicomnode.receive.listener import listening_socket
 
     listening = listening_socket(cfg)
     n = listener_processes(cfg)
-    per_process = max(1, -(-cfg.listener.max_associations // n))
     spawn = mp.get_context("spawn")
+    # listener.max_associations holds for the node: each process counts its associations in its slot
+    from dicomnode.receive.association_limit import shared_counts
+
+    counts = shared_counts(n, spawn)
 
     def start_child(i: int):
-        ready = spawn.Event()
-        proc = spawn.Process(target=_listener_main, args=(cfg, listening, per_process, ready), name=f"dicomnode-listener-{i}",
-                             daemon=True)
+        ready, child_end = spawn.Pipe(duplex=False)
+        counts[i] = 0  # a restarted process starts with no association (a dead one's are gone)
+        proc = spawn.Process(target=_listener_main, args=(cfg, listening, i, counts, os.getpid(), child_end),
+                             name=f"dicomnode-listener-{i}", daemon=True)
         proc.start()
-        if not ready.wait(60):
+        child_end.close()
+        try:
+            started = ready.poll(60) and ready.recv_bytes() == b"1"
+        except (EOFError, OSError):  # the process died before it was ready
+            started = False
+        ready.close()
+        if not started:
             raise RuntimeError(f"listener process {i} did not start (see the log above)")
         return proc
 
@@ -91,42 +188,58 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    def start_worker(i: int):
+        proc = spawn.Process(target=_worker_main, args=(cfg, os.getpid()), name=f"dicomnode-worker-{i}", daemon=True)
+        proc.start()
+        return proc, time.monotonic()
+
     children = []
-    scheduler = None
-    worker_thread = None
+    scheduler = retention = None
+    workers: list = []
+    http_server = None
     try:
         children = [start_child(i) for i in range(n)]
         log.info("%s listening on %s:%d (%d listener process(es), storage %s, StableAge %.3g s)",
                  cfg.ae_title, cfg.bind_address, cfg.port, n, storage_dir, cfg.stable_age_s)
-        from dicomnode.queue.stability import start_scheduler
+        from dicomnode.queue.stability import scheduler_interval, start_scheduler
 
-        scheduler = start_scheduler(sessions, cfg.stable_age_s, cfg.check_interval_s)
+        grace = cfg.worker.release_grace_s
+        scheduler = start_scheduler(sessions, cfg.stable_age_s, scheduler_interval(cfg.check_interval_s, grace), grace)
+        from dicomnode.receive.retention import start_retention
+
+        retention = start_retention(sessions, storage_dir, cfg.retention)  # None unless retention.enabled
         if cfg.worker.enabled:
-            from dicomnode.queue import worker
+            workers = [start_worker(i) for i in range(cfg.worker.processes)]
+        if cfg.http.enabled:
+            from dicomnode.http.server import start_http
 
-            worker_thread = threading.Thread(target=worker.run, args=(cfg, stop, sessions), name="dicomnode-worker",
-                                             daemon=True)
-            worker_thread.start()
+            http_server = start_http(cfg, sessions, metrics_folder)
         while not stop.wait(1.0):
             for i, proc in enumerate(children):
                 if not proc.is_alive():
                     log.error("listener process %s exited with %s; restarting it", proc.name, proc.exitcode)
                     children[i] = start_child(i)
+            for i, (proc, started) in enumerate(workers):
+                if not proc.is_alive() and time.monotonic() - started >= _WORKER_RESTART_S:
+                    log.error("worker process %s exited with %s; restarting it", proc.name, proc.exitcode)
+                    workers[i] = start_worker(i)
     finally:
         log.info("stopping")
         stop.set()
-        for proc in children:
+        for proc in children + [w for w, _ in workers]:
             if proc.is_alive():
                 proc.terminate()
         deadline = time.monotonic() + 15
-        for proc in children:
+        for proc in children + [w for w, _ in workers]:
             proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
         if scheduler is not None:
             scheduler.shutdown(wait=False)
-        if worker_thread is not None:
-            worker_thread.join(30)
+        if retention is not None:
+            retention.shutdown(wait=False)
+        if http_server is not None:
+            http_server.close()
         listening.close()
         engine.dispose()
     log.info("stopped")

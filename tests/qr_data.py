@@ -11,18 +11,24 @@
 
 from __future__ import annotations
 
+import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import generate_uid
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRBigEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
+from dicomnode.config import AllowedPeer
 from dicomnode.db.models import Instance, RegionRange, Series, SliceResult
 from dicomnode.receive.ingest import NodeContext, store_instance
 
-from conftest import CT_FIXTURES
+from conftest import CT_FIXTURES, dcmtk
 
 PHILIPS = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
 GE = CT_FIXTURES / "series" / "dcmqi_ge_3slice"
@@ -69,8 +75,20 @@ def _variant(src: Path, charset: str | None, **changes) -> bytes:
     return out.getvalue()
 
 
+#: Calling AE titles the Q/R tests use; Q/R is answered only for listed peers (qr.allowed_peers).
+QR_PEERS = ("TESTSCU", "FINDSCU", "MOVESCU", "GETSCU", "ORTHANC", "GDCMSCU", "ODIL", "STORESCU")
+
+
+def allow_peers(ctx: NodeContext, *ae_titles: str, host: str = "127.0.0.1") -> None:
+    """List ``ae_titles`` (default: :data:`QR_PEERS`) in the running node's qr.allowed_peers."""
+    for ae in ae_titles or QR_PEERS:
+        ctx.config.qr.allowed_peers.append(AllowedPeer(ae_title=ae, host=host))
+
+
 def populate(ctx: NodeContext) -> Stored:
-    """Store the fixtures and write the Philips series' classification; returns the UIDs."""
+    """Store the fixtures, write the Philips series' classification and list the test peers
+    (:func:`allow_peers`); returns the UIDs."""
+    allow_peers(ctx)
     stored = Stored()
     for path in sorted(PHILIPS.glob("*.dcm")) + sorted(GE.glob("*.dcm")):
         data = path.read_bytes()
@@ -125,3 +143,42 @@ def classify(ctx: NodeContext, stored: Stored) -> None:
         ge.classification_state = "skipped"
         ge.classification_reason = "3 slices, fewer than worker.min_slices (5)"
         s.commit()
+
+
+# Byte-level helpers of the retrieve tests ------------------------------------------------------------
+
+def stored_bytes(path: Path) -> bytes:
+    """The dataset bytes of a Part 10 file: everything after its file meta information."""
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+def big_endian_copy(src: Path, out: Path, new_uid: bool = True) -> Path:
+    """``src`` (with a new SOP Instance UID unless ``new_uid`` is false) in Explicit VR Big Endian (DCMTK dcmconv)."""
+    ds = pydicom.dcmread(src)
+    if new_uid:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    le = out.with_suffix(".le.dcm")
+    ds.save_as(le, enforce_file_format=True)
+    subprocess.run([dcmtk("dcmconv"), "+tb", str(le), str(out)], check=True, capture_output=True, timeout=60)
+    assert pydicom.dcmread(out, stop_before_pixels=True).file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+    return out
+
+
+@contextmanager
+def capturing_scp(transfer_syntaxes=AllTransferSyntaxes, ae_title: str = "CAPTURE"):
+    """A Storage SCP on a free port keeping, per SOP Instance UID, (transfer syntax, the received bytes)."""
+    received: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event):
+        received[str(event.request.AffectedSOPInstanceUID)] = (str(event.context.transfer_syntax),
+                                                               event.request.DataSet.getvalue())
+        return 0x0000
+
+    ae = AE(ae_title=ae_title)
+    ae.add_supported_context(CTImageStorage, transfer_syntaxes)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield server.server_address[1], received
+    finally:
+        server.shutdown()

@@ -133,3 +133,63 @@ def test_plot_deformations_writes_figure(ct_batch, tmp_path):
     out = plot_deformations(ct_batch[0], tmp_path / "fig" / "tps.png", n=3, seed=1)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.fixture(scope="module")
+def body_hu() -> torch.Tensor:
+    """A real CT slice resampled as the trainer holds it: body-centred HU at 3.2 mm (128 x 128)."""
+    from dicomnode.classification.imaging.pixels import read_hu
+    from dicomnode.classification.imaging.preprocess import PreprocessParams, resample_hu
+
+    hu, spacing = read_hu(CT_FIXTURES / "slices" / "pydicom_ct_small.dcm")
+    return resample_hu(np.asarray(hu, dtype=np.float32), spacing, PreprocessParams())
+
+
+def test_fov_crop_keeps_part_of_the_body_recentred_and_air_elsewhere(body_hu):
+    from trainer.augment import FieldParams, random_fov_crop
+
+    params = FieldParams(crop_min=4, crop_max=6)  # the fixture body is small at 3.2 mm (about 26 x 20 pixels)
+    batch = body_hu[None].repeat(6, 1, 1)
+    which = torch.tensor([True, True, True, True, True, False])
+    out = random_fov_crop(batch, which, torch.Generator().manual_seed(1), params, -1024.0)
+    assert torch.equal(out[5], batch[5])  # unflagged slices untouched
+    whole = int((batch[0] > -150).sum())
+    for i in range(5):
+        body = out[i] > -150
+        kept = int(body.sum())
+        assert 0 < kept < whole  # a part of the body, not all of it
+        rows, cols = body.nonzero(as_tuple=True)
+        assert abs(float(rows.float().mean()) - 63.5) <= 1.0 and abs(float(cols.float().mean()) - 63.5) <= 1.0
+        assert int(rows.max() - rows.min()) <= 2 * 6 and int(cols.max() - cols.min()) <= 2 * 6
+        assert set(out[i][~body].unique().tolist()) <= set(batch[0][batch[0] <= -150].unique().tolist()) | {-1024.0}
+
+
+def test_field_augment_flips_quantizes_and_is_deterministic(body_hu):
+    from trainer.augment import FieldParams, augment_field_of_view, quantize_8bit
+
+    batch = body_hu[None].repeat(8, 1, 1)
+    flip_only = FieldParams(crop_prob=0.0, flip_prob=1.0, quantize_prob=0.0)
+    assert torch.equal(augment_field_of_view(batch, torch.Generator().manual_seed(0), flip_only), batch.flip(-1))
+    q = quantize_8bit(batch)
+    assert len(q.unique()) <= 256 and float((q - batch.clamp(-1024, 3071)).abs().max()) <= 4095 / 255 / 2 + 1e-3
+    mixed = FieldParams(crop_prob=0.5, flip_prob=0.5, quantize_prob=0.5)
+    a = augment_field_of_view(batch, torch.Generator().manual_seed(3), mixed)
+    b = augment_field_of_view(batch, torch.Generator().manual_seed(3), mixed)
+    assert torch.equal(a, b) and a.shape == batch.shape and not torch.equal(a, batch)
+    assert torch.equal(batch, body_hu[None].repeat(8, 1, 1))  # the input is not changed in place
+    with pytest.raises(ValueError, match="crop_prob"):
+        FieldParams(crop_prob=1.5)
+    with pytest.raises(ValueError, match=r"\(N, S, S\)"):
+        augment_field_of_view(batch[0], torch.Generator(), mixed)
+
+
+def test_only_croppable_slices_are_cropped(body_hu):
+    from trainer.augment import FieldParams, augment_field_of_view
+
+    batch = body_hu[None].repeat(4, 1, 1)
+    params = FieldParams(crop_prob=1.0, crop_min=3, crop_max=4, flip_prob=0.0, quantize_prob=0.0)
+    croppable = torch.tensor([True, False, True, False])
+    out = augment_field_of_view(batch, torch.Generator().manual_seed(0), params, croppable=croppable)
+    assert torch.equal(out[1], batch[1]) and torch.equal(out[3], batch[3])
+    assert not torch.equal(out[0], batch[0]) and not torch.equal(out[2], batch[2])
+    assert params.crop_classes == ("liver", "pelvis", "legs")

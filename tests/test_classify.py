@@ -20,7 +20,7 @@ from dicomnode.classification.model import CHECKPOINT_NAME, DEFAULT_MODEL_DIR, l
 
 CHEST = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"
 J2K_SERIES = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
-ORDER = ["neck", "lungs", "liver", "pelvis", "legs"]
+ORDER = ["head", "neck", "lungs", "liver", "pelvis", "legs"]  # anatomical order; a model may lack head
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,12 @@ def check_document(doc: dict, series_uid: str, n: int) -> dict:
     zs = [s["z_mm"] for s in slices]
     assert zs == sorted(zs, reverse=True)  # top -> bottom
     for s in slices:
-        assert set(s["probabilities"]) == set(ORDER)
+        assert set(ORDER) - {"head"} <= set(s["probabilities"]) <= set(ORDER) | {"abdomen"}
         assert sum(s["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
         assert s["region"] in s["regions"]
     regions = series["regions"]
     assert [ORDER.index(r["region"]) for r in regions] == sorted(ORDER.index(r["region"]) for r in regions)
+    from dicomnode.classification.model import BODY_PARTS
     assert regions[0]["first_position"] == 0 and regions[-1]["last_position"] == n - 1
     for a, b in zip(regions, regions[1:]):
         assert b["first_position"] <= a["last_position"] + 1  # contiguous (overlap at shared transitions)
@@ -59,8 +60,7 @@ def check_document(doc: dict, series_uid: str, n: int) -> dict:
         assert r["z_start_mm"] == first["z_mm"] and r["z_end_mm"] == last["z_mm"]
         assert r["n_slices"] == r["last_position"] - r["first_position"] + 1
         assert 0 < r["mean_probability"] <= 1
-    assert series["body_parts"] == [{"neck": "NECK", "lungs": "LUNG", "liver": "LIVER", "pelvis": "PELVIS",
-                                     "legs": "LEG"}[r["region"]] for r in regions]
+    assert series["body_parts"] == [BODY_PARTS[r["region"]] for r in regions]
     return series
 
 
@@ -96,8 +96,8 @@ def test_pipeline_streams_batches_and_matches_one_big_batch(checkpoint):
     plan = plan_series(next(iter(groups.values())), 5)
     small = classify_plan(plan, model, batch_size=3, readers=2, prefetch=1, keep_coronal=True)
     big = classify_plan(plan, model, batch_size=64, readers=1)
-    p_small = np.array([[s.probabilities[c] for c in ORDER] for s in small.slices])
-    p_big = np.array([[s.probabilities[c] for c in ORDER] for s in big.slices])
+    p_small = np.array([[s.probabilities[c] for c in model.classes] for s in small.slices])
+    p_big = np.array([[s.probabilities[c] for c in model.classes] for s in big.slices])
     np.testing.assert_allclose(p_small, p_big, atol=1e-5)
     assert small.coronal.shape == (10, 256) and small.coronal.min() < -900  # air beside the body
     t = small.timings
@@ -106,6 +106,29 @@ def test_pipeline_streams_batches_and_matches_one_big_batch(checkpoint):
     cancel.set()
     with pytest.raises(Cancelled):
         classify_plan(plan, model, cancel=cancel)
+
+
+def test_slices_classified_as_they_arrive_give_the_whole_series_result(checkpoint):
+    """The worker's early path: files in arrival order (not anatomical), a few at a time, then the plan
+    with those probabilities known: the same slices, probabilities and regions as one whole-series run."""
+    from dicomnode.classification.pipeline import classify_files
+
+    model = load_model(checkpoint, "cpu")
+    groups, _ = group_series([J2K_SERIES])
+    plan = plan_series(next(iter(groups.values())), 5)
+    whole = classify_plan(plan, model, batch_size=64)
+    arrived = sorted(plan.slices, key=lambda h: h.sop_instance_uid)[:7]  # three slices not yet classified
+    early = [e for i in range(0, len(arrived), 3) for e in classify_files([h.path for h in arrived[i:i + 3]], model)]
+    assert all(e is not None for e in early)
+    assert {e.header.sop_instance_uid for e in early} == {h.sop_instance_uid for h in arrived}
+    assert all(e.header == h for e, h in zip(early, arrived))  # the header read with the pixels is the plan's
+    known = {e.header.sop_instance_uid: e.probabilities for e in early}
+    merged = classify_plan(plan, model, known=known)
+    np.testing.assert_allclose([[s.probabilities[c] for c in model.classes] for s in merged.slices],
+                               [[s.probabilities[c] for c in model.classes] for s in whole.slices], atol=1e-5)
+    span = lambda r: (r.region, r.first_position, r.last_position, r.first_sop_instance_uid, r.last_sop_instance_uid)
+    assert [span(r) for r in merged.regions] == [span(r) for r in whole.regions]
+    assert classify_files([J2K_SERIES / "missing.dcm"], model) == [None]  # the series job reports it
 
 
 def test_failed_series_does_not_stop_the_others(checkpoint, tmp_path):

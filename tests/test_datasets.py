@@ -75,7 +75,13 @@ def test_openkbp_nifti_and_boundary_with_other():
     rows = ds.read_labels(SHARED_DATA / "openkbp" / "labels.csv")
     assert {r.kind for r in rows} == {"nifti"} and all(r.slice_index is not None for r in rows)
     assert all("other" not in r.classes for r in rows)
-    assert any(r.region == "other|neck" and r.classes == ("neck",) for r in rows)
+    # The documented mapping (trainer.datasets.REGION_MAPPINGS): openkbp's brainstem-level `other` is head,
+    # its jaw-level `other|neck` head|neck.
+    assert any(r.region == "head|neck" and r.classes == ("head", "neck") and r.label_method.startswith(
+        "mask:brainstem+") for r in rows)
+    heads = [r for r in rows if r.classes == ("head",)]
+    assert heads and all(r.label_method == "mask:brainstem" for r in heads)
+    assert len({r.patient for r in heads}) == 80
     r = next(r for r in rows if r.classes == ("lungs",))
     hu, spacing = ds.load_image(r)
     assert spacing is not None and spacing[0] > 3.0  # the coarse 128-grid of OpenKBP

@@ -109,3 +109,42 @@ def test_cli_upgrade_backs_up_and_serve_refuses_an_old_schema(tmp_path):
     assert "backed up" in result.stdout
     assert list(data.glob("index.sqlite.*.bak"))
     assert run_cli("db", "current", "--data-dir", str(data)).returncode == 0
+
+
+def test_cli_check_and_rebuild_from_storage(tmp_path):
+    """``db check`` reports index vs storage (exit 1 when they differ); ``db rebuild`` re-indexes a whole
+    storage folder into an empty index."""
+    import shutil
+
+    from conftest import CT_FIXTURES
+    from dicomnode.config import load_config
+    from dicomnode.db.session import open_index
+    from dicomnode.receive.ingest import NodeContext, store_instance
+
+    data = tmp_path / "data"
+    cfg = load_config(None, {"data_dir": str(data), "listener.min_free_space_mb": 1})
+    engine, sessions = open_index(cfg)
+    ctx = NodeContext(cfg, sessions)
+    for path in sorted((CT_FIXTURES / "series" / "dcmqi_ge_3slice").glob("*.dcm")):
+        assert store_instance(ctx, path.read_bytes()) == 0
+    engine.dispose()
+    result = run_cli("db", "check", "--data-dir", str(data))
+    assert result.returncode == 0 and "consistent" in result.stdout, result.stdout + result.stderr
+    # The index is lost; a new one, empty, beside the same storage.
+    (data / "index.sqlite").unlink()
+    for extra in data.glob("index.sqlite-*"):
+        extra.unlink()
+    result = run_cli("db", "upgrade", "--data-dir", str(data))
+    assert result.returncode == 0, result.stderr
+    result = run_cli("db", "check", "--data-dir", str(data))
+    assert result.returncode == 1 and "3 files not in the index" in result.stdout
+    result = run_cli("db", "rebuild", "--data-dir", str(data))
+    assert result.returncode == 0, result.stderr
+    assert "re-indexed 3 instance(s)" in result.stdout and "re-indexing" in result.stderr  # the progress bar
+    assert run_cli("db", "check", "--data-dir", str(data)).returncode == 0
+    # Rebuilding into an index that is not empty is refused.
+    result = run_cli("db", "rebuild", "--data-dir", str(data))
+    assert result.returncode == 2 and "empty index" in result.stdout
+    shutil.rmtree(data / "storage")
+    result = run_cli("db", "check", "--data-dir", str(data))
+    assert result.returncode == 1 and "3 index rows whose file is missing" in result.stdout

@@ -64,6 +64,9 @@ stable_age_s: 1
 qr:
   move_destinations:
     - {{ae_title: VIEWER, host: 127.0.0.1, port: {viewer_port}}}
+  allowed_peers:  # Q/R is answered only for listed peers
+    - {{ae_title: FINDSCU, host: 127.0.0.1}}
+    - {{ae_title: CAD, host: 127.0.0.1}}
 worker:
   poll_interval_s: 0.2
 """)

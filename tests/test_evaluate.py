@@ -86,8 +86,37 @@ def test_evaluate_real_rows_matches_the_model(tiny_model, rows):
 
 def test_row_helpers(rows):
     boundary = next(r for r in rows if r.region == "lungs|liver")
-    assert row_classes(boundary, CLASSES) == {1, 2}
+    assert row_classes(boundary, CLASSES) == {CLASSES.index("lungs"), CLASSES.index("liver")}
     assert row_source(boundary) == "ct/series"
+    assert all(r.input_kind == "dicom" for r in rows)
+
+
+def test_five_class_view_folds_head_into_neck_and_abdomen_into_its_neighbours():
+    from dicomnode.classification.model import FIVE_CLASSES
+    from trainer.evaluate import EvalOutputs, compute_metrics, five_class_view
+
+    classes = ("head", "neck", "lungs", "liver", "abdomen", "pelvis", "legs")
+    probs = np.array([[0.7, 0.2, 0.1, 0, 0, 0, 0],     # head slice called head: right in both views
+                      [0.6, 0.1, 0.3, 0, 0, 0, 0],     # neck slice called head: wrong, right once folded
+                      [0, 0, 0, 0.2, 0.7, 0.1, 0],     # abdomen slice called abdomen
+                      [0, 0, 0, 0.1, 0.1, 0.8, 0]])    # pelvis slice called pelvis
+    sets = [frozenset({0}), frozenset({1}), frozenset({4}), frozenset({5})]
+    out = EvalOutputs(classes=classes, probs=probs, label_sets=sets, sources=["s"] * 4, patients=list("abcd"))
+    assert compute_metrics(out.probs, out.label_sets, classes)["errors"] == 1
+    view = five_class_view(out)
+    assert view.classes == FIVE_CLASSES
+    assert np.allclose(view.probs.sum(1), 1.0)
+    assert np.allclose(view.probs[0], [0.9, 0.1, 0, 0, 0]) and np.allclose(view.probs[2], [0, 0, 0.55, 0.45, 0])
+    assert view.label_sets == [{0}, {0}, {2, 3}, {3}]
+    assert compute_metrics(view.probs, view.label_sets, FIVE_CLASSES)["errors"] == 0
+    assert five_class_view(view) is view
+
+
+def test_a_five_class_model_reads_head_rows_as_neck():
+    from dicomnode.classification.model import FIVE_CLASSES
+
+    head = type("Row", (), {"classes": ("head",), "labels_file": None, "line": 1})()
+    assert row_classes(head, FIVE_CLASSES) == {FIVE_CLASSES.index("neck")}
 
 
 def test_is_not_worse():

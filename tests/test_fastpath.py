@@ -47,3 +47,102 @@ def test_store_response_pdu_equals_pynetdicoms_encoding(sop_class, sop_instance,
     pdu = P_DATA_TF()
     pdu.from_primitive(p_data)
     assert store_response_pdu(3, 7, sop_class, sop_instance, status) == pdu.encode()
+
+
+# Engagement on the pinned pynetdicom, and stepping aside on another -------------------------------
+
+def _pinned_spec():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    (dep,) = [d for d in project["dependencies"] if re.match(r"pynetdicom\b", d)]
+    return SpecifierSet(dep[len("pynetdicom"):])
+
+
+def _acceptor_associations(server):
+    return [a for a in server.ae.active_associations if a.is_acceptor]
+
+
+def _store_one(port: int) -> int:
+    import pydicom
+    from pynetdicom import AE, _config
+
+    from conftest import CT_FIXTURES
+
+    path = CT_FIXTURES / "slices" / "pydicom_ct_small.dcm"
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    chunked_before, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        return assoc.send_c_store(path).Status
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked_before
+        assoc.release()
+
+
+def test_fast_path_engages_on_the_pinned_pynetdicom(node_ctx, monkeypatch, caplog):
+    import logging
+
+    import pynetdicom
+
+    from dicomnode.receive import fastpath
+    from dicomnode.receive.listener import start_listener
+
+    assert pynetdicom.__version__ in _pinned_spec(), "pyproject's pin and the installed pynetdicom disagree"
+    monkeypatch.setattr(fastpath, "_ENGAGED", [])  # as in a fresh process
+    with caplog.at_level(logging.INFO, logger="dicomnode.receive.fastpath"):
+        server = start_listener(node_ctx)
+    try:
+        assert "listener fast path engaged (pynetdicom " in caplog.text
+        seen = []
+        from pynetdicom import evt
+
+        # The association the node accepted reads through FastAssociationSocket and wakes early.
+        server.bind(evt.EVT_C_STORE, lambda event: seen.append(
+            (type(event.assoc.dul.socket), hasattr(event.assoc, "_dicomnode_wait"))) or 0x0000)
+        assert _store_one(node_ctx.config.port) == 0x0000
+        assert seen == [(fastpath.FastAssociationSocket, True)]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_fast_path_steps_aside_when_pynetdicom_lacks_an_internal(node_ctx, monkeypatch, caplog):
+    """A pynetdicom whose DUL no longer defines _read_pdu_data (renamed, as an upgrade might):
+    the listener logs that the fast path is off and serves with pynetdicom's own code."""
+    import logging
+
+    from pynetdicom.dul import DULServiceProvider
+
+    from dicomnode.receive import fastpath
+    from dicomnode.receive.listener import start_listener
+
+    renamed = DULServiceProvider._read_pdu_data
+    monkeypatch.setattr(DULServiceProvider, "_read_pdu", renamed, raising=False)
+    monkeypatch.delattr(DULServiceProvider, "_read_pdu_data")
+    # pynetdicom's own callers still find it under the old name (only the class no longer has it).
+    monkeypatch.setattr(DULServiceProvider, "__getattr__",
+                        lambda self, name: renamed.__get__(self) if name == "_read_pdu_data" else
+                        object.__getattribute__(self, name), raising=False)
+    monkeypatch.setattr(fastpath, "_ENGAGED", [])
+    with caplog.at_level(logging.INFO, logger="dicomnode.receive.fastpath"):
+        server = start_listener(node_ctx)
+    try:
+        assert "fast path NOT engaged" in caplog.text and "DULServiceProvider._read_pdu_data" in caplog.text
+        seen = []
+        from pynetdicom import evt
+
+        server.bind(evt.EVT_C_STORE, lambda event: seen.append(
+            (type(event.assoc.dul.socket).__name__, hasattr(event.assoc, "_dicomnode_wait"))) or 0x0000)
+        assert _store_one(node_ctx.config.port) == 0x0000
+        assert seen == [("AssociationSocket", False)]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
@@ -24,6 +24,7 @@ from dicomnode.receive.listener import start_listener
 SERIES_3 = CT_FIXTURES / "series" / "dcmqi_ge_3slice"
 SERIES_J2K = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
 SLICES = sorted((CT_FIXTURES / "slices").glob("*.dcm"))
+SLICES_BY_NAME = {p.name: p for p in SLICES}
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -163,14 +164,27 @@ def test_missing_or_malformed_uids_are_refused(running_node, tmp_path, keyword, 
     assert not Path("/tmp/evil").exists()
 
 
-def test_disallowed_sop_class_is_rejected_at_negotiation(running_node):
-    with association(running_node.config.port, [(MRImageStorage, [ExplicitVRLittleEndian]),
+def test_every_storage_sop_class_by_default_and_a_list_restricts(node_config, index, caplog):
+    """Default (listener.sop_classes: []): every storage SOP class; a list restricts; the log names refusals."""
+    private = "1.2.826.0.1.3680043.8.498.999"  # a SOP class pynetdicom does not know
+    caplog.set_level("INFO", logger="dicomnode.receive.listener")
+    for sop_classes, refused in (([], {private}), (["CTImageStorage"], {private, str(MRImageStorage)})):
+        node_config.listener.sop_classes = sop_classes
+        server = start_listener(NodeContext(node_config, index[1]))
+        try:
+            with association(node_config.port, [(MRImageStorage, [ExplicitVRLittleEndian]),
+                                                (private, [ExplicitVRLittleEndian]),
                                                 (CTImageStorage, [ExplicitVRLittleEndian])]) as assoc:
-        assert assoc.is_established
-        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        rejected = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
-    assert MRImageStorage in rejected and MRImageStorage not in accepted
-    assert CTImageStorage in accepted
+                assert assoc.is_established
+                accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+                rejected = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert rejected == refused and CTImageStorage in accepted
+    lines = [r.getMessage() for r in caplog.records if "SOP class(es) rejected" in r.getMessage()]
+    assert private in lines[0] and "MR Image Storage" not in lines[0]
+    assert f"MR Image Storage ({MRImageStorage})" in lines[-1]
 
 
 def test_out_of_space_answers_a700_and_writes_nothing(node_config, index, tmp_path):
@@ -277,3 +291,97 @@ def test_tls(node_config, index, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _with_meta(path: Path, out: Path, **meta) -> Path:
+    """``path``'s dataset bytes as they are, under a file meta with ``meta`` changed (e.g. TransferSyntaxUID)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    file_meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    for key, value in meta.items():
+        setattr(file_meta, key, value)
+    buf = DicomBytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, file_meta, enforce_standard=True)
+    out.write_bytes(buf.getvalue() + dataset_bytes(path))
+    return out
+
+
+def test_pixel_data_encoding_must_match_the_transfer_syntax(running_node, tmp_path):
+    """Encapsulated Pixel Data on Explicit VR Little Endian (as odil's store sends), and native Pixel
+    Data on a JPEG-LS context: both 0xC210, nothing stored."""
+    jpegls = SLICES_BY_NAME["ctimage_jpegls_lossless_80.dcm"]
+    native = SLICES_BY_NAME["pydicom_ct_small.dcm"]
+    wrong = [_with_meta(jpegls, tmp_path / "encapsulated_as_native.dcm", TransferSyntaxUID=ExplicitVRLittleEndian),
+             _with_meta(native, tmp_path / "native_as_jpegls.dcm", TransferSyntaxUID=JPEGLSLossless)]
+    assert send_files(running_node.config.port, wrong) == [CANNOT_DECODE, CANNOT_DECODE]
+    assert instance_count(running_node) == 0 and stored_files(running_node) == []
+    # The same bytes under their own syntaxes are stored.
+    assert send_files(running_node.config.port, [jpegls, native]) == [0x0000, 0x0000]
+
+
+def test_retired_jpeg_syntaxes_are_stored_as_sent_by_dcmtk_in_one_association(running_node, tmp_path):
+    from conftest import shared_ct
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    retired = [shared_ct("slices/ctimage_jpeg_spectral_53_retired.dcm"),
+               shared_ct("slices/ctimage_jpeg_progressive_55_retired.dcm")]
+    others = [SLICES_BY_NAME["pydicom_ct_small.dcm"], SLICES_BY_NAME["barre_chest_scout_jpegll.dcm"]]
+    # retired syntaxes between others: a sender stops at the first file whose context was refused
+    files = [others[0], retired[0], others[1], retired[1]]
+    for i, path in enumerate(files):
+        (folder / f"{i:02d}.dcm").write_bytes(path.read_bytes())
+    # DCMTK's dcmsend proposes one presentation context per (SOP class, transfer syntax) of the files
+    # and sends each as it is. (storescu proposes native syntaxes only and decompresses each file itself,
+    # which it cannot do for .55: it then fails on its own side, "unable to convert dataset".)
+    result = subprocess.run([dcmtk("dcmsend"), "--decompress-never", "-aec", "DICOMNODE", "127.0.0.1",
+                             str(running_node.config.port), "+sd", str(folder)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with running_node.sessions() as s:
+        rows = {r.sop_instance_uid: r for r in s.scalars(select(Instance))}
+    assert len(rows) == 4
+    for path in files:
+        sent = pydicom.dcmread(path)
+        row = rows[sent.SOPInstanceUID]
+        assert row.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
+        # DCMTK re-encodes the header elements it sends; the pixel data (the fragments) are as in the file
+        stored = pydicom.dcmread(running_node.storage_dir / row.path)
+        assert stored.PixelData == sent.PixelData, path.name
+        if path in retired:  # (these two DCMTK sends as they are in the file)
+            assert dataset_bytes(running_node.storage_dir / row.path) == dataset_bytes(path), path.name
+
+
+def test_c_store_request_without_its_uid_is_answered(running_node, tmp_path):
+    """pynetdicom drops a C-STORE request whose Affected SOP Instance UID is empty without answering;
+    the node answers 0xC220 (and logs it)."""
+    from pynetdicom import evt
+
+    path = _with_meta(SLICES_BY_NAME["pydicom_ct_small.dcm"], tmp_path / "a.dcm")
+    responses = []
+    ae = AE(ae_title="SCU")
+    ae.dimse_timeout = 30
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", running_node.config.port, ae_title="DICOMNODE", evt_handlers=[
+        (evt.EVT_DIMSE_RECV, lambda event: responses.append(getattr(event.message.command_set, "Status", None)))])
+    try:
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import write_file_meta_info
+
+        # The request's UID comes from the file meta: written as is (empty) after the association.
+        meta.MediaStorageSOPInstanceUID = ""
+        del meta.FileMetaInformationGroupLength
+        buf = DicomBytesIO()
+        buf.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(buf, meta, enforce_standard=False)
+        path.write_bytes(buf.getvalue() + dataset_bytes(SLICES_BY_NAME["pydicom_ct_small.dcm"]))
+        with raw_sending():
+            assoc.send_c_store(path)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert responses == [INVALID_UID]
+    assert instance_count(running_node) == 0

@@ -22,19 +22,20 @@ from tests.conftest import CT_FIXTURES
 
 
 def test_classes_and_body_parts():
-    assert CLASSES == ("neck", "lungs", "liver", "pelvis", "legs")
-    assert BODY_PARTS == {"neck": "NECK", "lungs": "LUNG", "liver": "LIVER", "pelvis": "PELVIS", "legs": "LEG"}
+    assert CLASSES == ("head", "neck", "lungs", "liver", "pelvis", "legs")
+    assert BODY_PARTS == {"head": "HEAD", "neck": "NECK", "lungs": "LUNG", "liver": "LIVER", "abdomen": "ABDOMEN",
+                          "pelvis": "PELVIS", "legs": "LEG"}
 
 
 def test_build_net_shapes_features_first_conv():
     net = build_net({"widths": [4, 8, 8, 8, 8], "input_size": 64, "fc": [12]}).eval()
     x = torch.rand(2, 3, 64, 64)
-    assert net(x).shape == (2, 5)
+    assert net(x).shape == (2, 6)
     assert net.features(x).shape == (2, 12)
     assert net.first_conv.shape == (4, 3, 5, 5)
     strided = build_net({"widths": [4, 8, 8, 8, 8], "strides": [2, 1, 1, 1, 1], "pools": [1, 2, 2, 2, 2],
                          "input_size": 64})
-    assert strided(x).shape == (2, 5)
+    assert strided(x).shape == (2, 6)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -67,7 +68,7 @@ def test_checkpoint_round_trip_rebuilds_same_outputs(tmp_path):
     assert m.version == "v-test" and m.classes == CLASSES and m.preprocess == p
     assert m.extra == {"note": "x", "n": [1, 2]} and not m.net.training
     got = predict_proba(m, x)
-    assert got.dtype == np.float32 and got.shape == (2, 5)
+    assert got.dtype == np.float32 and got.shape == (2, 6)
     assert np.allclose(got, expected, atol=1e-6)
     assert np.allclose(got.sum(1), 1.0, atol=1e-5)
     # a directory is read as <dir>/model.pt
@@ -82,7 +83,7 @@ def test_untrained_model_runs_on_cpu_without_cuda(tmp_path):
     x = np.random.default_rng(0).random((5, m.preprocess.channels, m.preprocess.size, m.preprocess.size),
                                         dtype=np.float32)
     p1 = predict_proba(m, x, batch_size=2)
-    assert p1.shape == (5, 5) and np.allclose(p1, predict_proba(m, torch.from_numpy(x)), atol=1e-6)
+    assert p1.shape == (5, 6) and np.allclose(p1, predict_proba(m, torch.from_numpy(x)), atol=1e-6)
     with pytest.raises(ValueError, match="N, C, S, S"):
         predict_proba(m, x[0])
 
@@ -112,3 +113,30 @@ def test_shipped_default_model_loads_and_is_not_a_placeholder():
     assert "untrained" not in m.version
     assert m.classes == CLASSES
     assert (ckpt.DEFAULT_MODEL_DIR / ckpt.CHECKPOINT_NAME).stat().st_size < 8 * 1024 * 1024
+
+
+def test_five_class_checkpoint_loads_and_class_order_is_checked(tmp_path):
+    from dicomnode.classification.model import FIVE_CLASSES
+
+    p = PreprocessParams(size=64, pixel_mm=6.4)
+    cfg = {"in_channels": 3, "input_size": 64, "num_classes": 5, "widths": [4, 8, 8, 8, 8], "fc": [8]}
+    old = save_checkpoint(tmp_path / "five", build_net(cfg), cfg, p, "five", classes=FIVE_CLASSES)
+    m = load_model(old, device="cpu")
+    assert m.classes == FIVE_CLASSES and m.net.config["num_classes"] == 5
+    bad = save_checkpoint(tmp_path / "bad", build_net(cfg), cfg, p, "bad",
+                          classes=("lungs", "neck", "liver", "pelvis", "legs"))
+    with pytest.raises(ValueError, match="anatomical order"):
+        load_model(bad, device="cpu")
+
+
+def test_node_model_path_prefers_config_then_promoted_then_shipped(tmp_path):
+    from dicomnode.classification.model import node_model_path
+
+    assert node_model_path("", tmp_path) == ckpt.checkpoint_path(None)
+    promoted = tmp_path / "models" / "model.pt"
+    promoted.parent.mkdir()
+    promoted.write_bytes(b"x")
+    assert node_model_path("", tmp_path) == promoted
+    assert node_model_path(None, tmp_path) == promoted
+    own = tmp_path / "own.pt"
+    assert node_model_path(str(own), tmp_path) == own

@@ -48,3 +48,35 @@ def test_card_cli_and_bad_card(tmp_path, capsys):
     assert data["augmentation_comparison"][0]["n"] == 19
     with pytest.raises(ValueError, match="version"):
         write_model_card(tmp_path / "bad", {"name": "x", "classes": []})
+
+
+def test_card_shows_input_kinds_five_class_view_cross_source_and_series(tmp_path, capsys):
+    ckpt = make_untrained_checkpoint(tmp_path / "m", seed=8)
+    model = load_model(ckpt, device="cpu")
+    metrics = evaluate(model, read_labels(CT_FIXTURES / "labels.csv"))
+    assert set(metrics["per_input_kind"]) == {"dicom"} and metrics["five_class"]["folded"] == {"head": ["neck"]}
+    ev = tmp_path / "ev.json"
+    ev.write_text(json.dumps(metrics))
+    series = {"summary": {"volumes": 1, "patients": 1, "slices_scored": 10, "slice_error": 0.1,
+                          "non_neighbour_errors": 0, "boundaries": 1, "missed_boundaries": 0,
+                          "boundary_error": {"median_mm": 3.0, "p90_mm": 3.0, "max_mm": 3.0},
+                          "per_source": {}, "per_boundary": {"neck/lungs": {"n": 1, "missed": 0, "median_mm": 3.0,
+                                                                             "p90_mm": 3.0, "max_mm": 3.0,
+                                                                             "median_zone_width_mm": 0.0}}},
+              "anchor": {"median_boundary_error_mm": 8.9, "reference": "Ouyang et al. 2022, CT"},
+              "volumes": [{"path": "x"}]}
+    sj = tmp_path / "series.json"
+    sj.write_text(json.dumps(series))
+    rc = main(["--model", str(ckpt), "--out", str(tmp_path / "card"), "--evaluation", f"ct={ev}",
+               "--cross-source", f"ct/|ct/ DICOM|ct/series={ev}",
+               "--cross-source", "openkbp/|head slices|=not possible: the only source of head slices",
+               "--series-evaluation", f"val={sj}"])
+    assert rc == 0
+    text = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    assert "Per input kind" in text and "| dicom |" in text and "Five-class view" in text
+    assert "## Cross-source evaluation" in text and "| ct/ | ct/ DICOM |" in text
+    assert "not possible: the only source of head slices" in text
+    assert "## Whole-series evaluation: val" in text and "| neck/lungs | 1 | 0 | 3.0 |" in text
+    data = json.loads((tmp_path / "card" / "MODEL_CARD.json").read_text())
+    assert "volumes" not in data["series_evaluations"]["val"]  # the card keeps the summary only
+    assert data["cross_source"][0]["n"] == metrics["per_source"]["ct/series"]["n"]

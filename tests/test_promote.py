@@ -93,3 +93,85 @@ def test_promote_refuses_a_bad_model_and_changes_nothing(tmp_path, capsys):
     assert main(["promote", str(tmp_path / "missing"), "--config", str(cfg_file)]) == 2
     assert cfg_file.read_text() == before
     assert not (tmp_path / "data" / "models").exists()
+
+
+def _series_copy(files, tag: str) -> list[bytes]:
+    """The slices of ``files`` as a new series (new Series/SOP Instance UIDs), as bytes."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out = []
+    series_uid = generate_uid(entropy_srcs=[tag, "series"])
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[tag, ds.SOPInstanceUID])
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_first_promote_reaches_a_running_worker_started_with_an_empty_model_path(tmp_path):
+    """A real `dicomnode worker` process, started with model.path empty (the shipped model), then a real
+    `dicomnode promote`: the worker's next job uses the promoted model, without a restart."""
+    import datetime as dt
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+    import yaml
+    from sqlalchemy import select
+
+    from dicomnode.classification.model import load_model as load
+    from dicomnode.db.models import Job, Series, utcnow
+    from dicomnode.db.session import open_index, upgrade
+    from dicomnode.queue.stability import mark_stable_series
+    from dicomnode.receive.ingest import SUCCESS, NodeContext, store_instance
+    from tests.conftest import CT_FIXTURES, stop_node
+
+    files = sorted((CT_FIXTURES / "series" / "dcmqi_ge_3slice").glob("*.dcm"))
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "node"), "model": {"path": ""},
+        "listener": {"fsync": False, "min_free_space_mb": 1},
+        "worker": {"poll_interval_s": 0.1, "min_slices": 3, "threads": 1, "early": False}}))
+    cfg = load_config(cfg_file)
+    cfg.resolved_data_dir.mkdir(parents=True)
+    upgrade(cfg.resolved_database_url, backup=False)
+    engine, sessions = open_index(cfg)
+    ctx = NodeContext(cfg, sessions)
+    shipped = load(None).version
+
+    def classify(blobs) -> str:
+        for blob in blobs:
+            assert store_instance(ctx, blob, "TESTSCU") == SUCCESS
+        mark_stable_series(sessions, 1.0, now=utcnow() + dt.timedelta(hours=1))
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            with sessions() as s:
+                jobs = list(s.scalars(select(Job)))
+                if jobs and all(j.state in ("done", "failed") for j in jobs):
+                    assert all(j.state == "done" for j in jobs), [j.error for j in jobs]
+                    newest = s.scalars(select(Series).order_by(Series.id.desc())).first()
+                    return newest.model_version
+            time.sleep(0.1)
+        pytest.fail("timed out waiting for the worker to finish the job\n" + log.read_text())
+
+    log = tmp_path / "worker.log"
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "worker", "--config", str(cfg_file)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        assert classify([f.read_bytes() for f in files]) == shipped
+        candidate = make_untrained_checkpoint(tmp_path / "run", seed=7)
+        assert main(["promote", str(candidate.parent), "--config", str(cfg_file), "--json"]) == 0
+        assert load_config(cfg_file).model.path  # the YAML records it for the next start
+        assert classify(_series_copy(files, "after-promote")) == "untrained-test-model-seed7"
+    finally:
+        stop_node(proc)
+        engine.dispose()

@@ -133,15 +133,47 @@ def _add_synthetic_instances(ctx, n: int) -> str:
 
 
 def test_findscu_cancel_stops_the_responses(node, tmp_path):
+    """findscu sends C-CANCEL after the first response (``--cancel 1``). The node's response generator is
+    held (find.RESPONSE_HOOKS) before its second response until the C-CANCEL has arrived, so the outcome
+    does not depend on load: exactly one response, then 0xFE00."""
+    import threading
+
+    from dicomnode.qr import find as find_module
+
     ctx, _ = node
-    n = 3000
+    n = 50
     series_uid = _add_synthetic_instances(ctx, n)
-    proc, rsp = findscu(ctx.config.port, tmp_path / "r", [
-        "QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={series_uid}", "SOPInstanceUID"], "--cancel", "1", "-v")
+    seen_cancel = threading.Event()
+
+    def hold(sent, is_cancelled):
+        if sent == 1:  # the first response is out; wait (bounded) for findscu's C-CANCEL to be received
+            for _ in range(1200):
+                if is_cancelled():
+                    seen_cancel.set()
+                    return
+                threading.Event().wait(0.1)
+
+    find_module.RESPONSE_HOOKS.append(hold)
+    try:
+        proc, rsp = findscu(ctx.config.port, tmp_path / "r", [
+            "QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={series_uid}", "SOPInstanceUID"], "--cancel", "1", "-v")
+    finally:
+        find_module.RESPONSE_HOOKS.remove(hold)
     text = (proc.stdout + proc.stderr).decode(errors="replace")
     assert proc.returncode == 0, text
+    assert seen_cancel.is_set(), "the C-CANCEL never reached the C-FIND generator"
     assert "Cancel" in text  # the final response findscu printed: 0xFE00 "Matching terminated due to Cancel"
-    assert 1 <= len(rsp) < n
+    assert len(rsp) == 1
+
+
+def test_sop_classes_in_study_at_study_and_series_level(node, tmp_path):
+    """SOPClassesInStudy (0008,0062) is filled like ModalitiesInStudy (odil's get asks for it first)."""
+    ctx, st = node
+    for level, keys in (("STUDY", []), ("SERIES", [f"SeriesInstanceUID={st.philips_series}"])):
+        proc, rsp = findscu(ctx.config.port, tmp_path / level, [
+            f"QueryRetrieveLevel={level}", f"StudyInstanceUID={st.philips_study}", *keys, "SOPClassesInStudy"])
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert len(rsp) == 1 and rsp[0].SOPClassesInStudy == "1.2.840.10008.5.1.4.1.1.2", level
 
 
 def test_cancel_is_checked_before_every_response(node):

@@ -193,6 +193,21 @@ def test_bad_values_are_refused_with_a_status(node):
     assert c_find(port, ident("PATIENT", PatientID=""))[0] == 0xA900  # no PATIENT level in the Study Root
 
 
+def test_person_names_match_case_insensitively_in_unicode_on_both_databases(node):
+    """PN matching ignores case the same way on SQLite and PostgreSQL, beyond ASCII: a stored MÜLLER^JÖRG
+    is found by müller^jörg, Müller*, *JÖRG and not by MULLER (no accent folding)."""
+    ctx, _ = node
+    qr_data._store(ctx, qr_data._variant(qr_data.SMALL, "ISO_IR 192", PatientName="MÜLLER^JÖRG",
+                                         PatientID="PN-UNICODE"))
+    for value, hit in (("müller^jörg", True), ("Müller*", True), ("*JÖRG", True), ("mÜller^JöRG", True),
+                       ("MULLER*", False)):
+        final, results = c_find(ctx.config.port, ident("PATIENT", PatientName=value, PatientID="",
+                                                       SpecificCharacterSet="ISO_IR 192"),
+                                 PatientRootQueryRetrieveInformationModelFind)
+        assert final == 0x0000
+        assert (_uids(results, "PatientID") == {"PN-UNICODE"}) is hit, value
+
+
 # The compiler itself, on a real SQLite database ------------------------------------------------------------
 
 def test_patterns_escape_sql_wildcards():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from io import BytesIO
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import (
@@ -234,27 +235,222 @@ def test_c_get_with_pynetdicom_counts(node):
         assert ts == "1.2.840.10008.1.2.4.90" and same_content(data, st.files[uid])
 
 
-def test_store_contexts_offer_stored_syntax_and_an_uncompressed_fallback():
-    matches = [retrieve.Match("1.2.3", CTImageStorage, "1.2.840.10008.1.2.4.90", "a"),
-               retrieve.Match("1.2.4", CTImageStorage, ImplicitVRLittleEndian, "b")]
-    proposed = [(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in retrieve.store_contexts(matches)]
-    assert proposed == [
-        (CTImageStorage, ("1.2.840.10008.1.2.4.90",)),
-        (CTImageStorage, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)),
-        (CTImageStorage, (ImplicitVRLittleEndian, ExplicitVRLittleEndian)),
-    ]
-
-
-def test_get_generator_honours_cancel_between_sub_operations(node):
+def test_c_cancel_from_the_get_scu_stops_the_sub_operations(node):
+    """The SCU sends C-CANCEL while the second C-STORE is in flight (from its C-STORE handler, before
+    answering it): the node finishes that one and answers 0xFE00 with 8 remaining."""
     ctx, st = node
-    gen = retrieve.get(ctx.config, ctx.sessions, ident("SERIES", SeriesInstanceUID=st.philips_series),
-                       storage_dir=ctx.storage_dir, is_cancelled=lambda: len(sent) >= 2)
-    sent: list = []
-    assert next(gen) == 10  # number of sub-operations first
-    statuses = []
-    for status, ds in gen:
-        statuses.append(status)
-        if ds is not None:
-            sent.append(ds.SOPInstanceUID)
-    assert statuses == [retrieve.PENDING, retrieve.PENDING, retrieve.CANCEL]
-    assert sent == [st.philips_sops[55], st.philips_sops[56]]  # in series order, as stored
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.90"])
+    got: list[str] = []
+    holder: dict = {}
+
+    def on_store(event):
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        if len(got) == 2:
+            holder["assoc"].send_c_cancel(1, holder["cx"])
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", ctx.config.port, ae_title="DICOMNODE",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    holder["assoc"] = assoc
+    holder["cx"] = next(cx.context_id for cx in assoc.accepted_contexts
+                        if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet)
+    try:
+        responses = list(assoc.send_c_get(ident("SERIES", SeriesInstanceUID=st.philips_series),
+                                          StudyRootQueryRetrieveInformationModelGet, msg_id=1))
+    finally:
+        assoc.release()
+    final = responses[-1][0]
+    assert final.Status == 0xFE00
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfRemainingSuboperations) == (2, 8)
+    assert got == [st.philips_sops[55], st.philips_sops[56]]  # in series order, as stored
+
+
+# Sending what the peer can take, byte for byte where it can (issue 12) ---------------------------------
+
+def _stored_path(ctx, sop_uid: str) -> Path:
+    with ctx.sessions() as s:
+        return ctx.storage_dir / s.query(Instance.path).filter(Instance.sop_instance_uid == sop_uid).scalar()
+
+
+def _store_extra(ctx, tmp_path) -> dict[str, str]:
+    """Store a big endian and a deflated instance in a new series; returns {name: SOP Instance UID}."""
+    series = pydicom.uid.generate_uid()
+    out = {}
+    for name, src in (("be", qr_data.SMALL), ("deflated", qr_data.CT_FIXTURES / "slices" / "ctimage_deflated.dcm")):
+        ds = pydicom.dcmread(src)
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        if name == "be":
+            path = qr_data.big_endian_copy(path, tmp_path / "be-converted.dcm", new_uid=False)
+        qr_data._store(ctx, path.read_bytes())
+        out[name] = ds.SOPInstanceUID
+    out["series"] = series
+    return out
+
+
+def test_movescu_delivers_the_stored_bytes_unchanged(node, tmp_path):
+    """A byte-capturing destination that accepts every syntax: each dataset that arrives is the stored
+    dataset, byte for byte (group lengths, implicit VR, deflate, JPEG 2000, big endian as stored)."""
+    ctx, st = node
+    extra = _store_extra(ctx, tmp_path)
+    with qr_data.capturing_scp(ae_title="VIEWER") as (scp_port, received):
+        register(ctx, "VIEWER", scp_port)
+        for series in (st.philips_series, st.ge_series, extra["series"]):
+            proc = subprocess.run([dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aem", "VIEWER", "-aec", "DICOMNODE",
+                                   "-k", "QueryRetrieveLevel=SERIES", "-k", f"SeriesInstanceUID={series}",
+                                   "127.0.0.1", str(ctx.config.port)], capture_output=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    expected = set(st.philips_sops.values()) | {uid for uid in st.files if uid not in st.philips_sops.values()} \
+        | {extra["be"], extra["deflated"]}
+    assert set(received) == expected
+    for uid, (ts, data) in received.items():
+        stored = _stored_path(ctx, uid)
+        assert ts == pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        assert data == qr_data.stored_bytes(stored), f"{uid} not sent byte for byte"
+
+
+@pytest.mark.parametrize("peer", ["pynetdicom", "getscu"])
+def test_big_endian_instance_is_transcoded_for_a_little_endian_peer(node, tmp_path, peer, caplog):
+    ctx, st = node
+    extra = _store_extra(ctx, tmp_path)
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    stored = pydicom.dcmread(_stored_path(ctx, extra["be"]))
+    if peer == "pynetdicom":  # as C-MOVE destination accepting little endian only
+        with storage_scp(transfer_syntaxes=[ExplicitVRLittleEndian, ImplicitVRLittleEndian]) as (scp_port, received):
+            register(ctx, "VIEWER", scp_port)
+            status, _ = c_move(ctx.config.port, ident("IMAGE", SeriesInstanceUID=extra["series"],
+                                                      SOPInstanceUID=extra["be"]), "VIEWER")
+        assert status.Status == 0x0000 and status.NumberOfCompletedSuboperations == 1
+        ts, data = received[extra["be"]]
+        got = pydicom.filereader.read_dataset(BytesIO(data), ts == ImplicitVRLittleEndian, True)
+        got.file_meta = pydicom.dataset.FileMetaDataset()
+        got.file_meta.TransferSyntaxUID = ts
+    else:  # DCMTK getscu proposes the little endian syntaxes only
+        proc = _getscu(ctx, tmp_path / "got", ["QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={extra['series']}",
+                                                f"SOPInstanceUID={extra['be']}"])
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        (path,) = (tmp_path / "got").iterdir()
+        got = pydicom.dcmread(path)
+        assert got.file_meta.TransferSyntaxUID != ExplicitVRBigEndian
+    assert np.array_equal(got.pixel_array, stored.pixel_array)
+    assert "transcoded Explicit VR Big Endian" in caplog.text
+
+
+def test_unreachable_known_destination_fails_the_sub_operations(node, caplog):
+    """A configured destination that is down: 0xA702 with every sub-operation failed (not 0xA801), and a
+    log line naming the AE, its host and port and the error."""
+    ctx, st = node
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    down = free_port()  # nothing listens there
+    register(ctx, "DOWNSTREAM", down)
+    status, failed = c_move(ctx.config.port, ident("SERIES", SeriesInstanceUID=st.philips_series), "DOWNSTREAM")
+    assert status.Status == 0xA702
+    assert (status.NumberOfFailedSuboperations, status.NumberOfCompletedSuboperations) == (10, 0)
+    assert set(failed.FailedSOPInstanceUIDList) == set(st.philips_sops.values())
+    line = next(r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage())
+    assert "DOWNSTREAM" in line and f"127.0.0.1:{down}" in line and "Connection" in line
+
+
+def test_two_concurrent_moves_to_one_destination_each_use_their_own_association(node):
+    """Two moves to one AE at once: each sub-association carries exactly its own move's instances."""
+    import threading
+
+    ctx, st = node
+    by_assoc: dict[int, set[str]] = {}
+
+    def on_store(event):
+        by_assoc.setdefault(id(event.assoc), set()).add(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_supported_context(CTImageStorage, AllTransferSyntaxes)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    register(ctx, "VIEWER", port)
+    results: dict[str, int] = {}
+    try:
+        threads = [threading.Thread(target=lambda s=s: results.__setitem__(
+            s, c_move(ctx.config.port, ident("SERIES", SeriesInstanceUID=s), "VIEWER")[0].Status))
+            for s in (st.philips_series, st.ge_series)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        server.shutdown()
+    assert results == {st.philips_series: 0, st.ge_series: 0}
+    ge = {uid for uid in st.files if uid not in st.philips_sops.values()}
+    assert sorted(map(sorted, by_assoc.values())) == sorted([sorted(st.philips_sops.values()), sorted(ge)])
+
+
+def test_standard_retrieve_by_sop_instance_uids_after_an_image_level_find(node, tmp_path):
+    """PS3.4 retrieve of a region: C-FIND at IMAGE level by BodyPartExamined, then C-MOVE and C-GET by the
+    list of SOP Instance UIDs found (the unique keys), not by the region key."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    ctx, st = node
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", ctx.config.port, ae_title="DICOMNODE")
+    try:
+        found = [ds.SOPInstanceUID for status, ds in assoc.send_c_find(
+            ident("IMAGE", StudyInstanceUID=st.philips_study, SeriesInstanceUID=st.philips_series,
+                  BodyPartExamined="LIVER", SOPInstanceUID=""), StudyRootQueryRetrieveInformationModelFind)
+            if status.Status == 0xFF00]
+    finally:
+        assoc.release()
+    assert set(found) == st.liver_sops()
+    keys = dict(StudyInstanceUID=st.philips_study, SeriesInstanceUID=st.philips_series, SOPInstanceUID=found)
+    with storage_scp() as (scp_port, received):
+        register(ctx, "VIEWER", scp_port)
+        status, _ = c_move(ctx.config.port, ident("IMAGE", **keys), "VIEWER")
+    assert status.Status == 0x0000 and set(received) == st.liver_sops()
+    uid_list = "\\".join(found)
+    proc = _getscu(ctx, tmp_path / "got", ["QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={st.philips_study}",
+                                           f"SeriesInstanceUID={st.philips_series}", f"SOPInstanceUID={uid_list}"])
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    got = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (tmp_path / "got").iterdir()}
+    assert got == st.liver_sops()
+
+
+def test_qr_only_for_listed_peers_echo_and_store_stay_open(node, caplog):
+    """An AE outside qr.allowed_peers (and not a move destination) gets 0x0124 for C-FIND, C-MOVE and
+    C-GET, with a log line naming it and its address; its C-ECHO still succeeds. A listed AE from another
+    host is refused too; a move destination may query."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+
+    ctx, st = node
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    ctx.config.qr.allowed_peers.append(qr_data.AllowedPeer(ae_title="ELSEWHERE", host="10.9.9.9"))
+    ctx.config.qr.move_destinations.append(RemoteAE(ae_title="VIEWER", host="127.0.0.1", port=free_port()))
+
+    def statuses(calling: str) -> tuple[int, ...]:
+        ae = AE(ae_title=calling)
+        for cx in (Verification, StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
+                   StudyRootQueryRetrieveInformationModelGet):
+            ae.add_requested_context(cx)
+        assoc = ae.associate("127.0.0.1", ctx.config.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        try:
+            q = ident("SERIES", SeriesInstanceUID=st.philips_series)
+            echo = assoc.send_c_echo().Status
+            find = [s.Status for s, _ in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)][-1]
+            move = [s.Status for s, _ in assoc.send_c_move(q, "VIEWER", StudyRootQueryRetrieveInformationModelMove)][-1]
+            get = [s.Status for s, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet)][-1]
+            return echo, find, move, get
+        finally:
+            assoc.release()
+
+    assert statuses("STRANGER") == (0x0000, 0x0124, 0x0124, 0x0124)
+    assert statuses("ELSEWHERE") == (0x0000, 0x0124, 0x0124, 0x0124)
+    assert statuses("VIEWER")[1] == 0x0000  # a move destination is a known peer
+    refused = [r.getMessage() for r in caplog.records if "0x0124" in r.getMessage()]
+    assert any("STRANGER" in m and "127.0.0.1" in m and "C-FIND" in m for m in refused)
+    assert any("STRANGER" in m and "C-MOVE" in m for m in refused) and any("C-GET" in m for m in refused)
+    ctx.config.qr.allow_any_peer = True
+    assert statuses("STRANGER")[1] == 0x0000

@@ -9,11 +9,12 @@ import pytest
 
 from dicomnode.classification.regions import CLASS_ORDER, DecodeParams, decode_regions, viterbi_ordered
 
-NECK, LUNGS, LIVER, PELVIS, LEGS = range(5)
+HEAD, NECK, LUNGS, LIVER, PELVIS, LEGS = range(6)
+K = len(CLASS_ORDER)
 
 
-def confident(labels, p=0.9):
-    probs = np.full((len(labels), 5), (1 - p) / 4)
+def confident(labels, p=0.9, k=K):
+    probs = np.full((len(labels), k), (1 - p) / (k - 1))
     probs[np.arange(len(labels)), labels] = p
     return probs
 
@@ -39,12 +40,26 @@ def test_isolated_mislabelled_slice_creates_no_range():
 
 
 def test_switch_penalty_decides_about_a_lone_slice_at_the_end():
-    probs = confident([LUNGS] * 10 + [LIVER], p=0.9)  # 0.9 against 0.025: 3.6 nats < 4
+    # 0.9 against 0.02 is 3.8 nats, more than the default switch penalty (2): a lone slice of the next region
+    # at the end of a series is a (short) range, as the top neck slice of a chest scan is.
+    probs = confident([LUNGS] * 10 + [LIVER], p=0.9)
+    assert spans(decode_regions(probs)) == [("lungs", 0, 9), ("liver", 10, 10)]
+    assert spans(decode_regions(probs, DecodeParams(switch_penalty=4.0))) == [("lungs", 0, 10)]
+    assert spans(decode_regions(confident([NECK] + [LUNGS] * 10, p=0.9)))[0] == ("neck", 0, 0)
+    # Weak evidence (0.6 against 0.4: 0.4 nats) is absorbed.
+    weak = confident([LUNGS] * 11, p=0.9)
+    weak[10] = [0, 0, 0.4, 0.6, 0, 0]
+    assert spans(decode_regions(weak)) == [("lungs", 0, 10)]
+
+
+def test_a_far_region_needs_more_evidence_than_a_neighbouring_one():
+    # legs right after lungs skips liver and pelvis: 2 + 2 * 2 = 6 nats; one slice at 3.8 nats is absorbed...
+    probs = confident([LUNGS] * 10 + [LEGS], p=0.9)
     assert spans(decode_regions(probs)) == [("lungs", 0, 10)]
-    assert spans(decode_regions(probs, DecodeParams(switch_penalty=1.0))) == [("lungs", 0, 9), ("liver", 10, 10)]
-    # Two such slices outweigh the default penalty: a real (short) range.
-    assert spans(decode_regions(confident([LUNGS] * 10 + [LIVER] * 2, p=0.9))) == [("lungs", 0, 9), ("liver", 10, 11)]
-    assert spans(decode_regions(confident([NECK] * 2 + [LUNGS] * 10, p=0.9)))[0] == ("neck", 0, 1)
+    # ...two are not (7.6 nats): a scan with a gap still decodes.
+    assert spans(decode_regions(confident([LUNGS] * 10 + [LEGS] * 2, p=0.9))) == [("lungs", 0, 9), ("legs", 10, 11)]
+    # without the skip penalty the lone slice would open a legs range
+    assert spans(decode_regions(probs, DecodeParams(skip_penalty=0.0)))[-1] == ("legs", 10, 10)
 
 
 def test_regions_never_go_back_up_the_body():
@@ -56,10 +71,10 @@ def test_regions_never_go_back_up_the_body():
 
 def test_transition_slices_belong_to_both_regions():
     probs = confident([LUNGS] * 10 + [LIVER] * 10)
-    probs[8] = [0, 0.60, 0.35, 0.05, 0]  # liver more than half as likely as lungs: shared
-    probs[9] = [0, 0.50, 0.45, 0.05, 0]
-    probs[10] = [0, 0.42, 0.55, 0.03, 0]
-    probs[11] = [0, 0.10, 0.85, 0.05, 0]  # clearly liver only
+    probs[8] = [0, 0, 0.60, 0.35, 0.05, 0]  # liver more than half as likely as lungs: shared
+    probs[9] = [0, 0, 0.50, 0.45, 0.05, 0]
+    probs[10] = [0, 0, 0.42, 0.55, 0.03, 0]
+    probs[11] = [0, 0, 0.10, 0.85, 0.05, 0]  # clearly liver only
     d = decode_regions(probs)
     assert d.path[9] == LUNGS and d.path[10] == LIVER
     assert d.members[7] == ("lungs",)
@@ -70,7 +85,8 @@ def test_transition_slices_belong_to_both_regions():
 
 def test_sharing_is_bounded_and_configurable():
     probs = confident([LUNGS] * 10 + [LIVER] * 10)
-    probs[4:16] = [0, 0.5, 0.5, 0, 0]  # a long ambiguous zone
+    probs[4:10] = [0, 0, 0.55, 0.45, 0, 0]  # a long ambiguous zone, the boundary in its middle
+    probs[10:16] = [0, 0, 0.45, 0.55, 0, 0]
     d = decode_regions(probs, DecodeParams(max_shared=2))
     shared = [i for i, m in enumerate(d.members) if len(m) == 2]
     assert len(shared) == 4
@@ -80,24 +96,52 @@ def test_sharing_is_bounded_and_configurable():
 
 def test_viterbi_matches_brute_force():
     rng = np.random.default_rng(7)
-    for _ in range(20):
-        n, k, pen = 6, 5, float(rng.uniform(0, 3))
+    for _ in range(30):
+        n, k, pen, skip = 6, 5, float(rng.uniform(0, 3)), float(rng.uniform(0, 3))
         logp = np.log(rng.dirichlet(np.ones(k) * 0.5, size=n) + 1e-9)
 
         def score(path):
-            return sum(logp[t, s] for t, s in enumerate(path)) - pen * sum(a != b for a, b in zip(path, path[1:]))
+            return (sum(logp[t, s] for t, s in enumerate(path))
+                    - sum(pen + skip * (b - a - 1) for a, b in zip(path, path[1:]) if b != a))
 
         best = max((p for p in itertools.product(range(k), repeat=n) if all(b >= a for a, b in zip(p, p[1:]))),
                    key=score)
-        assert score(viterbi_ordered(logp, pen)) == pytest.approx(score(best))
+        assert score(viterbi_ordered(logp, pen, skip)) == pytest.approx(score(best))
 
 
 def test_edge_cases_and_bad_input():
-    assert decode_regions(np.zeros((0, 5))).spans == []
+    assert decode_regions(np.zeros((0, K))).spans == []
     d = decode_regions(confident([PELVIS]))
     assert spans(d) == [("pelvis", 0, 0)]
-    with pytest.raises(ValueError, match=r"\(N, 5\)"):
+    with pytest.raises(ValueError, match=r"\(N, 6\)"):
         decode_regions(np.ones((3, 4)))
     with pytest.raises(ValueError, match="NaN"):
-        decode_regions(np.full((3, 5), np.nan))
-    assert CLASS_ORDER == ("neck", "lungs", "liver", "pelvis", "legs")
+        decode_regions(np.full((3, K), np.nan))
+
+
+def test_default_chain_is_the_shipped_class_list_in_anatomical_order():
+    from dicomnode.classification.model import ANATOMICAL_ORDER, CLASSES, check_class_order
+
+    assert CLASS_ORDER == CLASSES == ("head", "neck", "lungs", "liver", "pelvis", "legs")
+    assert check_class_order(CLASSES) == CLASSES
+    assert [ANATOMICAL_ORDER.index(c) for c in CLASSES] == sorted(ANATOMICAL_ORDER.index(c) for c in CLASSES)
+    with pytest.raises(ValueError, match="anatomical order"):
+        check_class_order(("neck", "head", "lungs"))
+    with pytest.raises(ValueError, match="unknown class"):
+        check_class_order(("neck", "arm"))
+
+
+def test_head_ct_decodes_head_then_neck_and_never_back():
+    # A head-and-neck scan: brain slices, one uncertain slice that looks like neck amid head, then neck.
+    probs = confident([HEAD] * 8 + [NECK] + [HEAD] * 3 + [NECK] * 6)
+    d = decode_regions(probs)
+    assert spans(d) == [("head", 0, 11), ("neck", 12, 17)]
+    assert all(d.path[i] <= d.path[i + 1] for i in range(len(d.path) - 1))
+
+
+def test_five_class_chain_of_an_older_model_still_decodes():
+    from dicomnode.classification.model import FIVE_CLASSES
+
+    probs = confident([0] * 3 + [1] * 4 + [2] * 2, k=5)
+    d = decode_regions(probs, classes=FIVE_CLASSES)
+    assert spans(d) == [("neck", 0, 2), ("lungs", 3, 6), ("liver", 7, 8)]

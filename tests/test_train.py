@@ -72,7 +72,7 @@ def test_dry_run_end_to_end(tiny_labels, tmp_path, capsys):
     m = load_model(out, device="cpu")
     assert m.preprocess.size == 64 and m.version == printed["version"]
     probs = predict_proba(m, torch.rand(2, 3, 64, 64))
-    assert probs.shape == (2, 5)
+    assert probs.shape == (2, len(CLASSES))
     report = json.loads((out / "train_report.json").read_text())
     assert report["data"]["split"]["shared_patients"] == 0
     assert report["settings"]["augment"] is True
@@ -82,14 +82,16 @@ def test_dry_run_end_to_end(tiny_labels, tmp_path, capsys):
 def test_broken_set_refuses_to_start(tiny_labels, tmp_path, capsys):
     text = tiny_labels.read_text().splitlines()
     bad = tiny_labels.parent / "bad_labels.csv"  # beside the good one, so its relative paths resolve
-    text[3] = text[3].replace(",neck,", ",necks,").replace(",lungs,", ",lung,").replace(",liver,", ",livers,")
+    fields = text[3].split(",")  # the region column of line 4 becomes an unknown class
+    fields[HEADER.index("region")] = "necks"
+    text[3] = ",".join(fields)
     bad.write_text("\n".join(text) + "\n")
     assert main(_args(bad, tmp_path / "out", "--dry-run")) == 2
     err = capsys.readouterr().err
     assert f"{bad}:4: unknown region" in err and "problem(s)" in err
     assert err.count("unknown region") == 1
     assert not (tmp_path / "out" / "model.pt").exists()
-    # a set without one of the five classes is refused too
+    # a set without one of the classes is refused too
     keep = [line for line in text if ",legs," not in line and ",pelvis|legs," not in line]
     bad.write_text("\n".join(keep[:3] + keep[4:]) + "\n")
     assert main(_args(bad, tmp_path / "out", "--dry-run")) == 2
@@ -123,7 +125,7 @@ def test_class_balanced_sampling_and_boundary_rows(tiny_labels):
     pools = class_pools(rows)
     gen = torch.Generator().manual_seed(0)
     idx, tgt = sample_epoch(pools, 40, gen)
-    assert torch.bincount(tgt, minlength=5).tolist() == [40] * 5
+    assert torch.bincount(tgt, minlength=len(CLASSES)).tolist() == [40] * len(CLASSES)
     for i, t in zip(idx.tolist(), tgt.tolist()):
         assert CLASSES[t] in rows[i].classes  # a boundary row is drawn under either of its classes
     again = sample_epoch(pools, 40, torch.Generator().manual_seed(0))

@@ -10,21 +10,23 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
 import yaml
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, stop_node, wait_for_echo
 from dicomnode.queue import jobs, worker
 from dicomnode.config import load_config
-from dicomnode.db.models import Job, RegionRange, Series, SliceResult, utcnow
+from dicomnode.db.models import Instance, Job, RegionRange, Series, SliceResult, utcnow
 from dicomnode.db.session import upgrade
 from dicomnode.receive.ingest import SUCCESS, NodeContext, store_instance
 from dicomnode.classification.model import make_untrained_checkpoint
 from dicomnode.db.session import open_index
+from dicomnode.db.clock import db_utcnow
 from dicomnode.queue.stability import mark_stable_series
 
 J2K_SERIES = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
@@ -87,6 +89,41 @@ def state_for(cfg, sessions, owner="test-worker") -> worker.WorkerState:
     return worker.WorkerState(cfg, sessions, owner, threading.Event())
 
 
+def expire_leases(sessions) -> None:
+    """Let every running job's lease run out now, by the database's clock (no sleeping on it)."""
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.state == "running").values(lease_expires_at=db_utcnow(-1)))
+
+
+def wait_for(predicate, what: str, timeout: float = 90.0, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true; the deadline only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def block_one_file(sessions, storage_dir):
+    """Replace one stored file of the series by a FIFO: a worker reading it blocks until
+    :func:`unblock` puts the real bytes back, so a test can kill it mid-job without racing it."""
+    with sessions() as s:
+        rel = s.scalars(select(Instance.path).order_by(Instance.id)).first()
+    path = storage_dir / rel
+    real = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    return path, real
+
+
+def unblock(path, real: bytes) -> None:
+    tmp = path.with_suffix(".real")
+    tmp.write_bytes(real)
+    os.replace(tmp, path)  # readers opening it from now on see the file
+
+
 def test_results_land_in_the_index_and_replace_earlier_ones(setup):
     _, cfg, sessions, ctx = setup
     store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
@@ -107,9 +144,9 @@ def test_results_land_in_the_index_and_replace_earlier_ones(setup):
         zs = [r.z_mm for r in results]
         assert zs == sorted(zs, reverse=True) and zs[0] == -394.0 and zs[-1] == -439.0  # top -> bottom
         for r in results:
-            total = r.p_neck + r.p_lungs + r.p_liver + r.p_pelvis + r.p_legs
-            assert total == pytest.approx(1.0, abs=1e-4)
-            assert r.predicted in ("neck", "lungs", "liver", "pelvis", "legs")
+            total = r.p_neck + r.p_lungs + r.p_liver + r.p_pelvis + r.p_legs + (r.p_head or 0.0) + (r.p_abdomen or 0.0)
+            assert total == pytest.approx(1.0, abs=1e-4)  # head/abdomen: NULL where the model has no such class
+            assert r.predicted in ("head", "neck", "lungs", "liver", "pelvis", "legs", "abdomen")
             assert r.body_parts and r.model_version == series.model_version
         # Ranges are in anatomical order, cover every slice and name the instances at their ends.
         assert ranges and ranges[0].first_position == 0 and ranges[-1].last_position == 9
@@ -158,18 +195,15 @@ def corrupt_j2k(path) -> bytes:
     return bytes(data)
 
 
-def test_a_failing_series_ends_failed_after_n_attempts_with_the_error(setup):
+def test_pixel_data_that_does_not_decode_fails_at_once_with_the_reason(setup):
     _, cfg, sessions, ctx = setup
     files = sorted(J2K_SERIES.glob("*.dcm"))
     store_files(ctx, files[:5] + [corrupt_j2k(files[5])] + files[6:])
     enqueue_all(sessions)
     state = state_for(cfg, sessions)
-    assert worker.process_next(state) == "queued"  # attempt 1 of 2: back to the queue (backoff 0)
+    assert worker.process_next(state) == "failed"  # permanent: no backoff retries that cannot help
     job = job_rows(sessions)[0]
-    assert job.state == "queued" and job.attempts == 1 and "pixel data does not decode" in job.error
-    assert worker.process_next(state) == "failed"
-    job = job_rows(sessions)[0]
-    assert job.state == "failed" and job.attempts == 2
+    assert job.state == "failed" and job.attempts == 1
     assert "pixel data does not decode" in job.error and "No matching JPEG 2000 format" in job.error
     with sessions() as s:
         series = s.scalars(select(Series)).one()
@@ -189,12 +223,31 @@ def test_inconsistent_geometry_fails_the_job_not_the_worker(setup):
     store_files(ctx, files + [buf.getvalue()])  # a second slice at the position of the first
     enqueue_all(sessions)
     state = state_for(cfg, sessions)
+    assert worker.process_next(state) == "failed"
+    job = job_rows(sessions)[0]
+    assert job.attempts == 1 and "same position" in job.error
+    with sessions() as s:
+        assert "same position" in s.scalars(select(Series)).one().classification_reason
+
+
+def test_a_transient_error_is_retried_then_failed_after_max_attempts(setup):
+    _, cfg, sessions, ctx = setup
+    store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
+    enqueue_all(sessions)
+    with sessions() as s:
+        victim = cfg.resolved_storage_dir / s.scalars(select(Instance.path)).first()
+    victim.unlink()  # a missing file may come back (a restore, a remount): retried with backoff
+    state = state_for(cfg, sessions)
     assert worker.process_next(state) == "queued"
-    assert "same position" in job_rows(sessions)[0].error
+    assert job_rows(sessions)[0].attempts == 1
+    assert worker.process_next(state) == "failed"
+    job = job_rows(sessions)[0]
+    assert job.attempts == 2 and "No such file" in job.error
 
 
-def long_series(n_copies: int) -> list[bytes]:
-    """A real 30-slice chest series stacked ``n_copies`` times along z (new UIDs, consistent geometry)."""
+def long_series(n_copies: int, salt: str = "") -> list[bytes]:
+    """A real 30-slice chest series stacked ``n_copies`` times along z (new UIDs, consistent geometry;
+    ``salt`` also gives it a new SeriesInstanceUID)."""
     src = CHEST
     if not src.exists():
         pytest.skip(f"shared data {src} not present")
@@ -203,7 +256,9 @@ def long_series(n_copies: int) -> list[bytes]:
     for k in range(n_copies):
         for i, f in enumerate(files):
             ds = pydicom.dcmread(f)
-            ds.SOPInstanceUID = generate_uid(entropy_srcs=[ds.SOPInstanceUID, str(k)])
+            if salt:
+                ds.SeriesInstanceUID = generate_uid(entropy_srcs=[ds.SeriesInstanceUID, salt])
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[ds.SOPInstanceUID, str(k), salt])
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.InstanceNumber = k * len(files) + i + 1
             x, y, z = (float(v) for v in ds.ImagePositionPatient)
@@ -218,45 +273,47 @@ def test_a_killed_worker_leaves_the_job_to_be_claimed_after_the_lease(setup, tmp
     config_path, cfg, sessions, ctx = setup
     if not cfg.resolved_database_url.startswith("sqlite"):
         pytest.skip("the kill test runs once, on SQLite")
+    data = yaml.safe_load(config_path.read_text())
+    data["worker"]["lease_s"] = 3600.0  # the lease runs out only when the test expires it in the database
+    config_path.write_text(yaml.safe_dump(data))
+    cfg = load_config(config_path)
     store_files(ctx, long_series(2))
     enqueue_all(sessions)
+    fifo, real = block_one_file(sessions, cfg.resolved_storage_dir)
     log_path = tmp_path / "worker.log"
     proc = start_worker_process(config_path, log_path)
     try:
-        deadline = time.monotonic() + 60
-        job = None
-        while time.monotonic() < deadline:
-            job = job_rows(sessions)[0]
-            if job.state == "running" and f":{proc.pid}:" in job.lease_owner:
-                break
+        def claimed_by_it():
             assert proc.poll() is None, log_path.read_text()
-            time.sleep(0.01)
-        else:
-            pytest.fail(f"the worker process never claimed the job:\n{log_path.read_text()}")
-        os.kill(proc.pid, signal.SIGKILL)  # mid-job: it claimed the job and holds the lease
-        proc.wait(10)
+            job = job_rows(sessions)[0]
+            return job.state == "running" and f":{proc.pid}:" in job.lease_owner
+
+        wait_for(claimed_by_it, "the worker process to claim the job")
+        # It cannot finish: it blocks reading the FIFO. Kill it mid-job, holding the lease.
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    unblock(fifo, real)
     killed = job_rows(sessions)[0]
     assert killed.state == "running" and killed.attempts == 1, "the killed worker must not have finished"
     assert count(sessions, SliceResult) == 0
     # Within the lease nobody else may take it...
-    assert jobs.claim_next(sessions, "someone-else", cfg.worker.lease_s) is None
+    assert jobs.claim_next(sessions, "someone-else", cfg.worker.lease_s, max_attempts=2) is None
     # ...after it, another worker does and finishes it.
+    expire_leases(sessions)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(cfg, stop), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and job_rows(sessions)[0].state != "done":
-            time.sleep(0.1)
+        wait_for(lambda: job_rows(sessions)[0].state in ("done", "failed"), "the second worker to finish the job")
     finally:
         stop.set()
         thread.join(30)
     job = job_rows(sessions)[0]
-    assert job.state == "done" and job.attempts == 2
+    assert job.state == "done" and job.attempts == 2, job.error
     assert f":{proc.pid}:" not in job.lease_owner
     assert count(sessions, SliceResult) == 60
     with sessions() as s:
@@ -289,8 +346,26 @@ def test_worker_process_stops_on_sigterm(setup, tmp_path):
     assert count(sessions, SliceResult) == 10
 
 
-def test_node_with_its_worker_classifies_a_series_received_over_dimse(setup, tmp_path):
-    """`dicomnode serve` (worker thread on) + DCMTK storescu: received -> stable -> classified."""
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for task in (Path("/proc") / str(pid) / "task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def has_torch(pid: int) -> bool:
+    return "libtorch" in (Path("/proc") / str(pid) / "maps").read_text()
+
+
+def series_state(sessions, uid: str):
+    with sessions() as s:
+        series = s.scalars(select(Series).where(Series.series_instance_uid == uid)).first()
+    return series if series is not None and series.classification_state in ("done", "failed", "skipped") else None
+
+
+def test_node_classifies_on_release_and_survives_its_worker_dying(setup, tmp_path):
+    """`dicomnode serve` + DCMTK storescu: released -> complete after the grace (StableAge an hour) ->
+    classified by the worker process; that process killed -9 is restarted, the listeners never notice."""
     config_path, cfg, sessions, _ = setup
     if not cfg.resolved_database_url.startswith("sqlite"):
         pytest.skip("the end-to-end node test runs once, on SQLite")
@@ -298,8 +373,10 @@ def test_node_with_its_worker_classifies_a_series_received_over_dimse(setup, tmp
         pytest.skip(f"shared data {CHEST} not present")
     port = free_port()
     data = yaml.safe_load(config_path.read_text())
-    data.update({"port": port, "stable_age_s": 1.0, "stability_check_interval_s": 0.2})
+    data.update({"port": port, "stable_age_s": 3600.0})  # only the release signal can complete a series here
     data["listener"]["processes"] = 1
+    data["worker"]["release_grace_s"] = 0.5
+    data["http"] = {"enabled": False}
     config_path.write_text(yaml.safe_dump(data))
     log_path = tmp_path / "node.log"
     node = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config_path)],
@@ -309,18 +386,32 @@ def test_node_with_its_worker_classifies_a_series_received_over_dimse(setup, tmp
         sent = subprocess.run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), "+sd", str(CHEST)],
                               capture_output=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with sessions() as s:
-                series = s.scalars(select(Series)).first()
-            if series is not None and series.classification_state in ("done", "failed", "skipped"):
-                break
-            time.sleep(0.2)
-        assert series is not None and series.classification_state == "done", log_path.read_text()
+        chest_uid = str(pydicom.dcmread(sorted(CHEST.glob("*.dcm"))[0], stop_before_pixels=True).SeriesInstanceUID)
+        series = wait_for(lambda: series_state(sessions, chest_uid), "the chest series to be classified")
+        assert series.classification_state == "done", log_path.read_text()
+        assert series.body_parts and series.model_version.startswith("untrained-test-model")
+
+        children = child_pids(node.pid)
+        workers = [p for p in children if has_torch(p)]
+        assert len(workers) == 1, "one worker process holds torch; the listeners never import it"
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: "restarting it" in log_path.read_text(), "the node to restart its worker")
+        wait_for_echo(port, 60)  # the listeners did not notice
+        second = tmp_path / "second"
+        second.mkdir()
+        for i, raw in enumerate(long_series(1, "second")):
+            (second / f"{i:03d}.dcm").write_bytes(raw)
+        sent = subprocess.run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), "+sd",
+                               str(second)], capture_output=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        uid2 = str(pydicom.dcmread(second / "000.dcm", stop_before_pixels=True).SeriesInstanceUID)
+        series = wait_for(lambda: series_state(sessions, uid2), "the restarted worker to classify a series")
+        assert series.classification_state == "done", log_path.read_text()
+        restarted = [p for p in child_pids(node.pid) if has_torch(p)]
+        assert len(restarted) == 1 and restarted != workers
     finally:
         assert stop_node(node, 30) == 0
-    assert count(sessions, SliceResult) == 30
-    assert series.body_parts and series.model_version.startswith("untrained-test-model")
+    assert count(sessions, SliceResult) == 60
     assert "Traceback" not in log_path.read_text()
 
 
@@ -342,8 +433,8 @@ def test_a_worker_that_lost_its_lease_writes_nothing(setup):
     _, cfg, sessions, ctx = setup
     store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
     enqueue_all(sessions)
-    job = jobs.claim_next(sessions, "slow-worker", 0.01)  # a lease that expires at once
-    time.sleep(0.05)
+    job = jobs.claim_next(sessions, "slow-worker", 3600)
+    expire_leases(sessions)  # the slow worker's lease runs out (by the database's clock)
     other = jobs.claim_next(sessions, "fast-worker", 60)  # another worker takes the job over
     assert other is not None and other.id == job.id
     state = state_for(cfg, sessions, "slow-worker")

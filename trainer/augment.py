@@ -216,6 +216,122 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, params: Augm
 
 
 # ---------------------------------------------------------------------------------------------------
+# Field of view, flips and 8-bit-like intensities (on body-centred HU slices, before the windows)
+
+
+@dataclass(frozen=True)
+class FieldParams:
+    """Probabilities and bounds of the HU-level augmentations of :func:`augment_field_of_view`.
+
+    - ``crop_prob``: fraction of slices cut to a random field of view: a rectangle centred on a random body
+      pixel, each half-side uniform in [``crop_min``, ``crop_max``] pixels; everything outside becomes air
+      and the slice is re-centred on what stays of the body, as the node's preprocessing would centre a
+      partial field-of-view reconstruction (one hip, one leg, a cut-off side of an off-centre patient).
+      Only slices drawn for ``crop_classes`` are cropped: partial fields of view are a lower-body matter
+      (one hip, one leg), and a small crop of a chest slice looks like a neck, which would teach the net
+      to doubt the neck at the lung apex.
+    - ``flip_prob``: fraction of slices flipped left-right (a one-hip crop may be either hip).
+    - ``quantize_prob``: fraction of slices quantised to 256 grey levels over -1024..3071 HU, as the 8-bit
+      JPEG key slices are (16 HU steps).
+    """
+
+    crop_prob: float = 0.3
+    crop_classes: tuple[str, ...] = ("liver", "pelvis", "legs")
+    crop_min: int = 14
+    crop_max: int = 64
+    flip_prob: float = 0.5
+    quantize_prob: float = 0.1
+    body_threshold_hu: float = -150.0
+
+    def __post_init__(self) -> None:
+        for name in ("crop_prob", "flip_prob", "quantize_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"FieldParams.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 1 <= self.crop_min <= self.crop_max:
+            raise ValueError(f"FieldParams: need 1 <= crop_min <= crop_max, got {self.crop_min}, {self.crop_max}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _recentre(hu: torch.Tensor, threshold: float, pad_hu: float) -> torch.Tensor:
+    """Shift one (S, S) HU slice (whole pixels, air fills) so that its body centroid sits at the centre."""
+    mask = hu > threshold
+    if not bool(mask.any()):
+        return hu
+    size_r, size_c = hu.shape
+    rows, cols = mask.nonzero(as_tuple=True)
+    dr = int(round((size_r - 1) / 2.0 - float(rows.float().mean())))
+    dc = int(round((size_c - 1) / 2.0 - float(cols.float().mean())))
+    out = torch.full_like(hu, pad_hu)
+    src_r = slice(max(0, -dr), size_r - max(0, dr))
+    dst_r = slice(max(0, dr), size_r - max(0, -dr))
+    src_c = slice(max(0, -dc), size_c - max(0, dc))
+    dst_c = slice(max(0, dc), size_c - max(0, -dc))
+    out[dst_r, dst_c] = hu[src_r, src_c]
+    return out
+
+
+def random_fov_crop(hu: torch.Tensor, which: torch.Tensor, generator: torch.Generator, params: FieldParams,
+                    pad_hu: float) -> torch.Tensor:
+    """Cut the slices flagged in ``which`` (bool (N,)) of ``hu`` (N, S, S) to a random field of view.
+
+    See :class:`FieldParams`. Returns a new tensor; slices without body pixels stay as they are.
+    """
+    out = hu.clone()
+    size = hu.shape[-1]
+    rr = torch.arange(hu.shape[-2])[:, None]
+    cc = torch.arange(size)[None, :]
+    for i in which.nonzero().flatten().tolist():
+        body = (hu[i] > params.body_threshold_hu).nonzero()
+        if len(body) == 0:
+            continue
+        pick = int(torch.randint(len(body), (1,), generator=generator))
+        r0, c0 = (int(v) for v in body[pick])
+        hr, hc = (int(v) for v in torch.randint(params.crop_min, params.crop_max + 1, (2,), generator=generator))
+        inside = (rr - r0).abs().le(hr) & (cc - c0).abs().le(hc)
+        out[i] = _recentre(torch.where(inside, hu[i], torch.full_like(hu[i], pad_hu)), params.body_threshold_hu,
+                           pad_hu)
+    return out
+
+
+def quantize_8bit(hu: torch.Tensor, low: float = -1024.0, high: float = 3071.0) -> torch.Tensor:
+    """HU rounded to 256 levels over ``low..high`` (and clipped to it), as an 8-bit full-range JPEG holds."""
+    step = (high - low) / 255.0
+    return (torch.round((hu.clamp(low, high) - low) / step) * step + low).to(hu.dtype)
+
+
+def augment_field_of_view(hu: torch.Tensor, generator: torch.Generator, params: FieldParams,
+                          pad_hu: float = -1024.0, croppable: torch.Tensor | None = None) -> torch.Tensor:
+    """Random field-of-view crops, left-right flips and 8-bit quantisation of body-centred HU (N, S, S).
+
+    ``croppable`` (bool (N,)): the slices that may be cropped (drawn for one of ``params.crop_classes``);
+    None: all of them.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"augment_field_of_view expects HU slices (N, S, S), got {tuple(hu.shape)}")
+    n = hu.shape[0]
+    x = hu
+    if params.crop_prob > 0:
+        crop = torch.rand(n, generator=generator) < params.crop_prob
+        if croppable is not None:
+            crop &= croppable
+        if bool(crop.any()):
+            x = random_fov_crop(x, crop, generator, params, pad_hu)
+    if params.flip_prob > 0:
+        flip = torch.rand(n, generator=generator) < params.flip_prob
+        if bool(flip.any()):
+            x = x.clone()
+            x[flip] = x[flip].flip(-1)
+    if params.quantize_prob > 0:
+        q = torch.rand(n, generator=generator) < params.quantize_prob
+        if bool(q.any()):
+            x = x.clone() if x is hu else x
+            x[q] = quantize_8bit(x[q])
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
 # Class balancing (N_aug = N x N_t x N_r x N_d)
 
 
@@ -362,7 +478,8 @@ def jacobian_determinant(grid: torch.Tensor) -> torch.Tensor:
 
 
 __all__: Sequence[str] = [
-    "AugmentParams", "ClassPlan", "augment_batch", "control_points", "jacobian_determinant", "plan_class_multipliers",
+    "AugmentParams", "ClassPlan", "FieldParams", "augment_batch", "augment_field_of_view", "quantize_8bit",
+    "random_fov_crop", "control_points", "jacobian_determinant", "plan_class_multipliers",
     "plot_deformations", "random_affine", "random_control_displacements", "sampling_grid", "tps_displacement_field",
     "warp",
 ]

@@ -7,8 +7,21 @@ folder: a DICOM file (``slice_index`` = frame of a multi-frame file, optional), 
 whose pixel encoding is given per folder in ``pixel_encodings.csv`` beside the labels file.
 
 ``region`` is one of :data:`dicomnode.classification.model.CLASSES`, or two joined by ``|`` (either is right), or a
-mark outside the five classes (``other``, ``exclude``, ``other|neck``...). A row whose region names at
-least one of the five classes is kept with those classes; rows with none are left out (counted).
+mark outside the five classes of the data (``other``, ``exclude``, ``other|neck``...). A row whose region
+names at least one class is kept with those classes; rows with none are left out (counted).
+
+Derived labels (:data:`REGION_MAPPINGS`). The data's labels name the paper's five classes; ``other``
+covers everything else. Where a folder documents *how* its ``other`` was decided, that rule tells which
+region it is, and the mapping turns it into a class of the model. The one mapping used:
+
+* ``openkbp/``: ``other`` with ``label_method`` ``mask:brainstem`` is "at or above the lowest slice that
+  holds the Brainstem contour (brain, posterior fossa, skull base, upper face)" (openkbp/README.md): that is
+  **head**. ``other|neck`` with ``mask:brainstem+mandible`` / ``mask:brainstem+parotid`` is the jaw level
+  between the brainstem and the lowest mandible (parotid) slice: **head|neck** (either is right), since the
+  skull base / neck boundary lies somewhere in it.
+
+``other`` of ``volumes/`` and ``extra/`` (lower abdomen: kidneys, bowel) is left out: 12 slices of one
+TotalSegmentator volume and 20 DeepLesion key slices (about 15 patients) are too few for an abdomen class.
 
 Bad input is collected and raised together as :class:`LabelsError`, each problem as ``file:line: what``.
 """
@@ -89,6 +102,7 @@ class LabelRow:
     sop_instance_uid: str = ""
     label_method: str = ""
     encoding: PixelEncoding | None = field(default=None, compare=False)
+    note: str = field(default="", compare=False)
 
     @property
     def where(self) -> str:
@@ -99,6 +113,23 @@ class LabelRow:
     def kind(self) -> str:
         """``dicom``, ``nifti`` or ``image`` (PNG/JPEG)."""
         return file_kind(self.path)
+
+    @property
+    def input_kind(self) -> str:
+        """What the pixels are, for reports that keep full-field CT apart from crops and key slices:
+        ``dicom`` (original DICOM, full field), ``nifti`` (full-field HU), ``crop`` (partial field of view,
+        marked ``partial FOV`` in the note), ``key8-soft-tissue`` (8-bit soft-tissue window),
+        ``key8-full-range`` (8-bit over the full HU range, JPEG), ``key16`` (16-bit HU PNG)."""
+        if "partial fov" in self.note.lower() or "partial field of view" in self.note.lower():
+            return "crop"
+        if self.kind != "image":
+            return self.kind
+        enc = self.encoding
+        if enc is not None and enc.clipped_to is not None:
+            return "key8-soft-tissue"
+        if enc is not None and "8-bit" in enc.format:
+            return "key8-full-range"
+        return "key16"
 
     @property
     def subgroup(self) -> str:
@@ -128,6 +159,28 @@ def file_kind(path: Path) -> str:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return "image"
     return "dicom"
+
+
+#: (labels folder, region as written, label_method prefix, region it stands for): see the module docstring.
+REGION_MAPPINGS: tuple[tuple[str, str, str, str], ...] = (
+    ("openkbp", "other", "mask:brainstem", "head"),
+    ("openkbp", "other|neck", "mask:brainstem+", "head|neck"),
+)
+
+
+def map_region(group: str, region: str, label_method: str) -> str:
+    """The region after :data:`REGION_MAPPINGS` (unchanged when no mapping applies).
+
+    >>> map_region("openkbp", "other", "mask:brainstem")
+    'head'
+    >>> map_region("extra", "other", "visual")
+    'other'
+    """
+    norm = region.strip().lower()
+    for folder, written, method, mapped in REGION_MAPPINGS:
+        if group == folder and norm == written and label_method.strip().startswith(method):
+            return mapped
+    return region
 
 
 def parse_region(region: str) -> tuple[tuple[str, ...], list[str]]:
@@ -222,7 +275,7 @@ def read_labels(path: str | Path, include_outside: bool = False, check_files: bo
             if None in rec:
                 problems.append(f"{where}: more fields than the header has")
                 continue
-            region = (rec.get("region") or "").strip()
+            region = map_region(group, (rec.get("region") or "").strip(), rec.get("label_method") or "")
             classes, unknown = parse_region(region)
             if not region or unknown:
                 problems.append(f"{where}: unknown region {region!r} (expected {'/'.join(CLASSES)}, "
@@ -274,7 +327,8 @@ def read_labels(path: str | Path, include_outside: bool = False, check_files: bo
                                  series=(rec.get("series") or "").strip(), region=region, classes=classes,
                                  source=(rec.get("source") or "").strip(), group=group, z_mm=z,
                                  sop_instance_uid=(rec.get("sop_instance_uid") or "").strip(),
-                                 label_method=(rec.get("label_method") or "").strip(), encoding=enc))
+                                 label_method=(rec.get("label_method") or "").strip(), encoding=enc,
+                                 note=(rec.get("note") or "").strip()))
     if problems:
         raise LabelsError(problems)
     log.info("%s: %d rows in the five classes, %d outside them left out", lf, len(rows), left_out)

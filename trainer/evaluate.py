@@ -11,7 +11,15 @@ right. Conventions used throughout (also written into the JSON under ``conventio
 - **confusion matrix**: rows = true class, columns = predicted class, in ``classes`` order. The true class
   of a multi-class slice is the predicted one when that is among its classes, else the upper one (lower index).
 - the same numbers **per source** (the labels file's folder and the first folder of the row's path,
-  e.g. ``extra/png8``), because one large easy source can hide the rest.
+  e.g. ``extra/png8``), because one large easy source can hide the rest, and **per input kind**
+  (``dicom`` full-field DICOM, ``nifti`` full-field HU volumes, ``crop`` partial field-of-view crops,
+  ``key8-soft-tissue`` / ``key8-full-range`` / ``key16`` key slices; see ``LabelRow.input_kind``), so
+  full-field CT is reported apart from crops and 8-bit images.
+- **five-class view** (``five_class``): the paper's five classes (Roth et al. 2015: neck, lungs, liver,
+  pelvis, legs), for comparison with it. A model with more classes is folded by :data:`FIVE_CLASS_VIEW`:
+  ``head`` into ``neck`` (the paper's neck class held everything above the lungs), ``abdomen`` into
+  ``liver`` and ``pelvis`` (its probability split evenly; a slice labelled abdomen counts as right when
+  called liver or pelvis). Probabilities of folded classes are added; label sets are mapped the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ CONVENTIONS = {
     "auc": "one-vs-rest ROC AUC of p(c); positives = slices whose classes include c; null if undefined",
     "confusion": "rows true, columns predicted; true class of a|b = the prediction if among a, b, else the upper one",
 }
+
+
+#: How a class outside the paper's five folds into them (see the module docstring).
+FIVE_CLASS_VIEW: dict[str, tuple[str, ...]] = {"head": ("neck",), "abdomen": ("liver", "pelvis")}
 
 
 @dataclass
@@ -117,15 +129,52 @@ def compute_metrics(probs: np.ndarray, label_sets: Sequence[Iterable[int]], clas
     return result
 
 
-def metrics_from_outputs(out: EvalOutputs) -> dict[str, Any]:
-    """Overall metrics plus the same per source, the model's conventions and the unreadable rows."""
+def five_class_view(out: EvalOutputs) -> EvalOutputs:
+    """``out`` folded into the paper's five classes with :data:`FIVE_CLASS_VIEW` (unchanged if already five)."""
+    from dicomnode.classification.model import FIVE_CLASSES
+
+    if tuple(out.classes) == FIVE_CLASSES:
+        return out
+    fold = np.zeros((len(out.classes), len(FIVE_CLASSES)), dtype=np.float64)
+    targets: list[tuple[int, ...]] = []
+    for i, c in enumerate(out.classes):
+        names = (c,) if c in FIVE_CLASSES else FIVE_CLASS_VIEW.get(c)
+        if not names:
+            raise ValueError(f"five-class view: class {c!r} has no place among {FIVE_CLASSES}")
+        idx = tuple(FIVE_CLASSES.index(n) for n in names)
+        fold[i, list(idx)] = 1.0 / len(idx)
+        targets.append(idx)
+    probs = (np.asarray(out.probs, dtype=np.float64) @ fold).astype(np.float32)
+    sets = [frozenset(j for i in s for j in targets[i]) for s in out.label_sets]
+    return EvalOutputs(classes=FIVE_CLASSES, probs=probs, label_sets=sets, sources=list(out.sources),
+                       patients=list(out.patients), rows=list(out.rows), unreadable=list(out.unreadable))
+
+
+def _grouped_metrics(out: EvalOutputs, keys: Sequence[str]) -> dict[str, Any]:
+    groups: dict[str, Any] = {}
+    for key in sorted(set(keys)):
+        idx = [i for i, k in enumerate(keys) if k == key]
+        groups[key] = compute_metrics(out.probs[idx], [out.label_sets[i] for i in idx], out.classes,
+                                      [out.patients[i] for i in idx])
+    return groups
+
+
+def metrics_from_outputs(out: EvalOutputs, five_class: bool = True) -> dict[str, Any]:
+    """Overall metrics plus the same per source and per input kind, the five-class view (when the model
+    has other classes), the conventions and the unreadable rows."""
     result = compute_metrics(out.probs, out.label_sets, out.classes, out.patients)
-    per_source: dict[str, Any] = {}
-    for source in sorted(set(out.sources)):
-        idx = [i for i, s in enumerate(out.sources) if s == source]
-        per_source[source] = compute_metrics(out.probs[idx], [out.label_sets[i] for i in idx], out.classes,
-                                             [out.patients[i] for i in idx])
-    result["per_source"] = per_source
+    result["per_source"] = _grouped_metrics(out, out.sources)
+    kinds = [str(getattr(r, "input_kind", "") or "unknown") for r in out.rows]
+    if len(kinds) == len(out.label_sets) and kinds:
+        result["per_input_kind"] = _grouped_metrics(out, kinds)
+    if five_class:
+        view = five_class_view(out)
+        if view is not out:
+            five = metrics_from_outputs(view, five_class=False)
+            five.pop("conventions", None)
+            five.pop("unreadable", None)
+            five["folded"] = {c: list(FIVE_CLASS_VIEW[c]) for c in out.classes if c in FIVE_CLASS_VIEW}
+            result["five_class"] = five
     result["conventions"] = CONVENTIONS
     result["unreadable"] = list(out.unreadable)
     return result
@@ -138,14 +187,23 @@ def metrics_from_outputs(out: EvalOutputs) -> dict[str, Any]:
 def row_classes(row: Any, classes: Sequence[str]) -> frozenset[int]:
     """Class indices of a label row (its ``labels``/``classes`` attribute, else its ``region`` split on '|').
 
-    Names outside ``classes`` (``other``) are dropped; a row with none left raises ``ValueError``.
+    A class the model does not have but that :data:`FIVE_CLASS_VIEW` folds into classes it has (``head``
+    for a five-class model) stands for those (the paper's convention). Other names (``other``) are
+    dropped; a row with none left raises ``ValueError``.
     """
     names = getattr(row, "labels", None) or getattr(row, "classes", None)
     if names is None:
         names = str(getattr(row, "region")).split("|")
     if isinstance(names, str):
         names = names.split("|")
-    idx = frozenset(classes.index(nm) for nm in names if nm in classes)
+    mapped: list[str] = []
+    for nm in names:
+        folded = FIVE_CLASS_VIEW.get(nm, ())
+        if nm not in classes and folded and all(f in classes for f in folded):
+            mapped += folded
+        else:
+            mapped.append(nm)
+    idx = frozenset(classes.index(nm) for nm in mapped if nm in classes)
     if not idx:
         raise ValueError(f"{_where(row)}: region {getattr(row, 'region', names)!r} names none of {list(classes)}")
     return idx

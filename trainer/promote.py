@@ -8,7 +8,11 @@ The node loads ``model.path`` (empty = the shipped default model). ``promote``:
    the YAML file to it (only that line changes; comments stay);
 3. keeps the model it replaces as ``<target>.previous`` (for a rollback), then installs the candidate
    atomically (copy to a temp file in the same folder, fsync, rename), so a worker never sees half a file;
-   the worker reloads the checkpoint when the file changes and uses it from the next job on;
+   the worker reloads the checkpoint when the file changes and uses it from the next job on. A running
+   worker started with an empty ``model.path`` finds the first promoted model too: before each job it
+   resolves its model with :func:`dicomnode.classification.model.node_model_path` (``model.path``, else
+   ``<data_dir>/models/model.pt`` when it exists, else the shipped default), so it does not depend on
+   the YAML it read at start;
 4. copies the candidate's model card (``MODEL_CARD.md``/``.json``) next to the target when there is one
    and appends a line to ``promotions.jsonl`` beside it (time, version, source, sha256, previous version).
 """
@@ -42,7 +46,9 @@ def sha256_of(path: Path) -> str:
 def target_path(model_path: str, data_dir: Path) -> Path:
     """The checkpoint file the node reads for config value ``model_path`` (see the module docstring)."""
     if not model_path:
-        return data_dir / "models" / "model.pt"
+        from dicomnode.classification.model.checkpoint import PROMOTED_RELATIVE
+
+        return data_dir / PROMOTED_RELATIVE
     p = Path(model_path).expanduser()
     if p.is_dir() or (not p.exists() and p.suffix == ""):
         return p / "model.pt"

@@ -66,6 +66,9 @@ class TrainSettings:
     augment: bool = True
     clip_prob: float = 0.25
     intensity_jitter: bool = True
+    exclude_sources: list[str] = field(default_factory=list)  # subgroups left out, e.g. "extra/nifti/ibsi_sts"
+    field_augment: bool = True  # field-of-view crops, flips, 8-bit quantisation (trainer.augment.FieldParams)
+    zoom_prob: float = 0.15
     deterministic: bool = False
     dry_run: bool = False
     dry_run_batches: int = 3
@@ -82,7 +85,7 @@ class TrainSettings:
 
     def full_net_config(self) -> dict[str, Any]:
         pp = self.preprocess_params()
-        cfg = {"in_channels": pp.channels, "input_size": pp.size}
+        cfg = {"in_channels": pp.channels, "input_size": pp.size, "num_classes": len(CLASSES)}
         cfg.update(self.net_config)
         return {k: v for k, v in complete_net_config(cfg).items() if not k.startswith("_")}
 
@@ -118,6 +121,9 @@ def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
 def prepare_data(settings: TrainSettings) -> Data:
     """Read and check the labels files, split by patient, resample every slice. ``LabelsError`` if broken."""
     rows = ds.read_many(settings.labels)
+    if settings.exclude_sources:  # cross-source runs: leave a source out entirely (no patient of it seen)
+        rows = [r for r in rows if not any(r.subgroup == x or r.subgroup.startswith(x.rstrip("/") + "/")
+                                           for x in settings.exclude_sources)]
     ds.check_classes(rows, "labels files")
     params = settings.preprocess_params()
     hu, problems = ds.load_resampled(rows, params, progress=settings.progress)
@@ -187,11 +193,15 @@ def sample_epoch(pools: dict[str, tuple[torch.Tensor, torch.Tensor]], per_class:
 
 def make_inputs(hu: torch.Tensor, params: PreprocessParams, gen: torch.Generator | None = None,
                 clip_prob: float = 0.0, jitter: bool = False,
-                unknown_spacing: torch.Tensor | None = None) -> torch.Tensor:
+                unknown_spacing: torch.Tensor | None = None, field: Any = None,
+                zoom_prob: float = 0.0, targets: torch.Tensor | None = None) -> torch.Tensor:
     """int16 HU (N, S, S) -> float (N, C, S, S).
 
-    With ``gen``: random HU scale/offset (``jitter``), soft-tissue clipping of a ``clip_prob`` fraction,
-    random zoom of the slices flagged in ``unknown_spacing`` (bool (N,)).
+    With ``gen``: random HU scale/offset (``jitter``), random field-of-view crops, left-right flips and
+    8-bit quantisation (``field``, a :class:`trainer.augment.FieldParams`), soft-tissue clipping of a
+    ``clip_prob`` fraction, random zoom of the slices flagged in ``unknown_spacing`` (bool (N,)) and of a
+    ``zoom_prob`` fraction of the others (a key slice's true scale is unknown; bodies differ in size).
+    ``targets`` (class indices) limits the crops to ``field.crop_classes``.
     """
     x = hu.to(torch.float32)
     if gen is not None:
@@ -201,6 +211,16 @@ def make_inputs(hu: torch.Tensor, params: PreprocessParams, gen: torch.Generator
             offset = 10.0 * torch.randn(n, 1, 1, generator=gen)
             body = x > -900.0  # leave air alone
             x = torch.where(body, x * scale + offset, x)
+        if field is not None:
+            from trainer.augment import augment_field_of_view
+
+            croppable = None
+            if targets is not None:
+                croppable = torch.tensor([CLASSES[int(t)] in field.crop_classes for t in targets], dtype=torch.bool)
+            x = augment_field_of_view(x, gen, field, params.pad_hu, croppable)
+        if zoom_prob > 0:
+            extra = torch.rand(n, generator=gen) < zoom_prob
+            unknown_spacing = extra if unknown_spacing is None else (unknown_spacing | extra)
         if clip_prob > 0:
             clip = torch.rand(n, generator=gen) < clip_prob
             if bool(clip.any()):
@@ -353,6 +373,11 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         start_epoch, bad_epochs = int(st["epoch"]) + 1, int(st["bad_epochs"])
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
     augment = _augmenter() if settings.augment else None
+    field = None
+    if settings.augment and settings.field_augment:
+        from trainer.augment import FieldParams
+
+        field = FieldParams()
     pools = class_pools(data.train_rows)
     unknown = torch.tensor([r.kind == "image" for r in data.train_rows], dtype=torch.bool)  # no pixel spacing
     val_rows, val_hu = data.val_rows, data.val_hu
@@ -381,7 +406,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         for b in bar:
             sl = slice(b * settings.batch_size, (b + 1) * settings.batch_size)
             x = make_inputs(data.train_hu[idx[sl]], params, gen, settings.clip_prob, settings.intensity_jitter,
-                            unknown[idx[sl]])
+                            unknown[idx[sl]], field, settings.zoom_prob, tgt[sl])
             x = x.to(device)
             if augment is not None:
                 x = augment(x, gen)
@@ -442,6 +467,11 @@ def _training_facts(settings: TrainSettings, summary: dict[str, Any], best: dict
     s["net_config"] = settings.full_net_config()
     s["preprocess"] = settings.preprocess_params().to_dict()
     s["augmentation"] = "translation+rotation+thin-plate-spline (trainer.augment)" if settings.augment else "none"
+    if settings.augment and settings.field_augment:
+        from trainer.augment import FieldParams
+
+        s["augmentation"] += " + field-of-view crops, left-right flips, 8-bit quantisation"
+        s["field_augment_params"] = FieldParams().to_dict()
     return {"settings": s, "data": summary,
             "best_epoch": best["epoch"] if best else None,
             "version": best["version"] if best else None,

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -27,7 +28,7 @@ import pydicom
 
 from dicomnode.classification.imaging.pixels import dataset_to_hu, pixel_spacing_mm
 from dicomnode.classification.imaging.series import SeriesError, SeriesPlan, SliceHeader, group_series, plan_series
-from dicomnode.classification.regions import CLASS_ORDER, DecodeParams, decode_regions
+from dicomnode.classification.regions import DecodeParams, decode_regions
 
 log = logging.getLogger("dicomnode.classification.pipeline")
 
@@ -243,21 +244,82 @@ def infer_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 2, 
     return probs, coronal
 
 
+@dataclass
+class EarlySlice:
+    """One slice classified as it arrived, before its series was complete (see :func:`classify_files`)."""
+
+    header: SliceHeader
+    probabilities: np.ndarray  # (n_classes,) in the model's class order
+
+
+def classify_files(paths: list[Path], model, cancel: threading.Event | None = None) -> list[EarlySlice | None]:
+    """Read, decode and classify single-frame files one pass each, in any order: headers and probabilities.
+
+    For the worker's early classification of slices while their series is still arriving; the series
+    job later only orders the slices, decodes the regions and classifies what is missing. Each file is
+    read once (its header from the same dataset as its pixels). A file that does not read or decode, or
+    a multi-frame file, gives None: the series job meets it again and reports it with its reason.
+    The per-slice computation is exactly that of :func:`infer_plan`, so the probabilities are the same.
+    """
+    from dicomnode.classification.imaging.preprocess import preprocess_batch
+    from dicomnode.classification.imaging.series import headers_from_dataset
+    from dicomnode.classification.model import predict_proba
+
+    out: list[EarlySlice | None] = [None] * len(paths)
+    items, where, headers = [], [], []
+    for i, path in enumerate(paths):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("classification cancelled")
+        try:
+            ds = pydicom.dcmread(str(path))
+            hs = headers_from_dataset(ds, Path(path))
+            if len(hs) != 1 or hs[0].frame is not None:
+                continue
+            items.append((dataset_to_hu(ds, None), pixel_spacing_mm(ds, None)))
+        except Exception as exc:  # reported by the series job, which reads the file again
+            log.debug("early classification of %s skipped: %s", path, exc)
+            continue
+        where.append(i)
+        headers.append(hs[0])
+    if not items:
+        return out
+    probs = predict_proba(model, preprocess_batch(items, model.preprocess))
+    for i, h, p in zip(where, headers, probs):
+        out[i] = EarlySlice(h, p)
+    return out
+
+
 def classify_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 2, prefetch: int = 2,
                   keep_coronal: bool = False, cancel: threading.Event | None = None,
-                  decode: DecodeParams | None = None, timings: StageTimings | None = None) -> SeriesClassification:
-    """Classify an in-scope plan: per-slice probabilities, decoded regions and ranges."""
+                  decode: DecodeParams | None = None, timings: StageTimings | None = None,
+                  known: dict[str, np.ndarray] | None = None) -> SeriesClassification:
+    """Classify an in-scope plan: per-slice probabilities, decoded regions and ranges.
+
+    ``known``: probabilities already computed per SOP Instance UID (single-frame slices classified as
+    they arrived, :func:`classify_files`); only the other slices are read and inferred here.
+    """
     from dicomnode.classification.model import BODY_PARTS
 
-    if tuple(model.classes) != CLASS_ORDER:
-        raise ValueError(f"model {model.version}: classes {tuple(model.classes)} are not the anatomical order "
-                         f"{CLASS_ORDER} that region decoding needs")
+    from dicomnode.classification.model import check_class_order
+
+    check_class_order(model.classes, f"model {model.version}")  # region decoding needs the anatomical order
     timings = timings or StageTimings()
     t0 = time.perf_counter()
     result = SeriesClassification(plan.series_instance_uid, "classified", model_version=model.version,
                                   n_slices=len(plan.slices), order_source=plan.order_source, notes=list(plan.notes),
                                   timings=timings)
-    probs, coronal = infer_plan(plan, model, batch_size, readers, prefetch, keep_coronal, cancel, timings)
+    if known and not keep_coronal:
+        probs = np.zeros((len(plan.slices), len(model.classes)), dtype=np.float32)
+        missing = [i for i, h in enumerate(plan.slices) if h.frame is not None or h.sop_instance_uid not in known]
+        for i, h in enumerate(plan.slices):
+            if h.frame is None and h.sop_instance_uid in known:
+                probs[i] = known[h.sop_instance_uid]
+        if missing:
+            rest = SeriesPlan(plan.series_instance_uid, [plan.slices[i] for i in missing])
+            probs[missing], _ = infer_plan(rest, model, batch_size, readers, prefetch, False, cancel, timings)
+        coronal = None
+    else:
+        probs, coronal = infer_plan(plan, model, batch_size, readers, prefetch, keep_coronal, cancel, timings)
     t1 = time.perf_counter()
     decoded = decode_regions(probs, decode, tuple(model.classes))
     classes = tuple(model.classes)

@@ -36,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "worker": "dicomnode.cli.worker",
     "status": "dicomnode.cli.status",
     "db": "dicomnode.cli.db",
+    "delete": "dicomnode.cli.delete",
+    "protect": "dicomnode.cli.protect",
     "classify": "dicomnode.cli.classify",
     "mine": "trainer.cli.mine",
     "train": "trainer.cli.train",

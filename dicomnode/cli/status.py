@@ -16,11 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from dicomnode.db.index import counts
-    from dicomnode.db.session import check_schema, make_engine, make_sessionmaker
+    from dicomnode.db.session import checked_index
 
-    engine = make_engine(cfg.resolved_database_url)
-    check_schema(engine)
-    with make_sessionmaker(engine)() as session:
+    with checked_index(cfg) as (engine, sessions), sessions() as session:
         result = counts(session)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -29,5 +27,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     for key in ("patients", "studies", "series", "instances"):
         print(f"{key:<12}{result[key]}")
     print("jobs        " + ", ".join(f"{k} {v}" for k, v in result["jobs"].items()))
+    for kind, states in sorted(result["jobs_by_kind"].items()):  # classify, results, forward (issue 14)
+        print(f"  {kind:<10}" + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
     print(f"last received {result['last_received_at'] or 'never'}")
     return 0

@@ -25,8 +25,10 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from dicomnode.db.session import open_index
+    from dicomnode.http import metrics
     from dicomnode.queue import worker
 
+    metrics.setup(cfg.resolved_data_dir)  # its job counts add up with the node's in /metrics (same data_dir)
     engine, _ = open_index(cfg)  # refuse to start on a schema not at head (SchemaError -> exit 3)
     engine.dispose()
     stop = threading.Event()

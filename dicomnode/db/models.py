@@ -10,6 +10,7 @@ import datetime as dt
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -67,6 +69,8 @@ class Study(Base):
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
     specific_character_set: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # 0003: a protected study is never recycled by retention (dicomnode protect --study UID).
+    protected: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -95,6 +99,9 @@ class Series(Base):
     # receiving: instances still arriving; stable: quiet for stable_age_s (a job was enqueued).
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     stable_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # 0004: when an association that carried instances of this series was released (the early
+    # completeness signal of dicomnode.queue.stability; StableAge stays the fallback).
+    released_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     # Classification: none, queued, running, done, failed, skipped.
     classification_state: Mapped[str] = mapped_column(String(16), default="none", index=True)
     classification_reason: Mapped[str] = mapped_column(Text, default="")
@@ -102,6 +109,9 @@ class Series(Base):
     # Regions found, as DICOM Body Part Examined defined terms joined by backslash (LUNG\\LIVER).
     body_parts: Mapped[str] = mapped_column(String(128), default="")
     classified_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # 0005: version of the result documents (SR, KOS) and forwards, raised at each classification;
+    # jobs of an older version are superseded (dicomnode.results).
+    results_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -134,7 +144,10 @@ class Instance(Base):
 
 
 class SliceResult(Base):
-    """Per-slice output of the classifier: the five probabilities and the decoded region(s)."""
+    """Per-slice output of the classifier: the class probabilities and the decoded region(s).
+
+    ``p_head`` and ``p_abdomen`` (migration 0006) are NULL when the slice's model has no such class.
+    """
 
     __tablename__ = "slice_results"
 
@@ -148,6 +161,8 @@ class SliceResult(Base):
     p_liver: Mapped[float] = mapped_column(Float, default=0.0)
     p_pelvis: Mapped[float] = mapped_column(Float, default=0.0)
     p_legs: Mapped[float] = mapped_column(Float, default=0.0)
+    p_head: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0006: class head
+    p_abdomen: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0006: class abdomen
     predicted: Mapped[str] = mapped_column(String(16), default="")  # argmax class name
     # Decoded region(s) as Body Part Examined terms joined by backslash ("LUNG\\LIVER" at a transition).
     body_parts: Mapped[str] = mapped_column(String(64), default="")
@@ -199,6 +214,8 @@ class Job(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # 0005: what a results or forward job sends and where (JSON; empty for classify jobs).
+    payload: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     series: Mapped[Series] = relationship()
 

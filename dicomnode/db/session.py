@@ -29,6 +29,11 @@ class SchemaError(RuntimeError):
     """The database schema is not at the head revision this code expects."""
 
 
+def _unicode_lower(value):
+    """SQLite function ``unicode_lower``: Python's str.lower (Unicode), as PostgreSQL's lower() does."""
+    return value.lower() if isinstance(value, str) else value
+
+
 def _sqlite_pragmas(synchronous: str):
     def apply(dbapi_conn, _record) -> None:  # pragma: no cover - called by SQLAlchemy
         cur = dbapi_conn.cursor()
@@ -37,6 +42,8 @@ def _sqlite_pragmas(synchronous: str):
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cur.close()
+        # Unicode lower case for Q/R matching (SQLite's own lower() is ASCII-only): dicomnode.qr.matching
+        dbapi_conn.create_function("unicode_lower", 1, _unicode_lower, deterministic=True)
 
     return apply
 
@@ -181,3 +188,15 @@ def open_index(cfg: "Config") -> tuple[Engine, sessionmaker[Session]]:
     engine = make_engine(url)
     check_schema(engine)
     return engine, make_sessionmaker(engine)
+
+
+@contextmanager
+def checked_index(cfg: "Config") -> Iterator[tuple[Engine, sessionmaker[Session]]]:
+    """The index of ``cfg`` for a command: refuse a schema not at head (:class:`SchemaError`), never
+    create one; the engine is disposed of on exit."""
+    engine = make_engine(cfg.resolved_database_url)
+    try:
+        check_schema(engine)
+        yield engine, make_sessionmaker(engine)
+    finally:
+        engine.dispose()

@@ -2,15 +2,16 @@
 
 The listener asks this package for its presentation contexts (:func:`supported_contexts`) and event
 handlers (:func:`event_handlers`). The handlers are thin: they pick the information model from the
-request's SOP class and delegate to the plain generators of :mod:`dicomnode.qr.find` and
-:mod:`dicomnode.qr.retrieve`, which tests call without a network. Keys, private block and example
+request's SOP class and delegate to the plain generator of :mod:`dicomnode.qr.find`, which tests call
+without a network; C-MOVE and C-GET are served by :mod:`dicomnode.qr.service` (sub-operations sent by
+:mod:`dicomnode.qr.transfer`). Who may use Q/R: :mod:`dicomnode.qr.access`. Keys, private block and example
 command lines: docs/query.md.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -44,7 +45,8 @@ ROOTS: dict[str, str] = {
     str(StudyRootQueryRetrieveInformationModelGet): "STUDY",
 }
 
-UNABLE_TO_PROCESS = 0xC000
+from dicomnode.dicom_status import NOT_AUTHORIZED, UNABLE_TO_PROCESS
+from dicomnode.qr.access import qr_allowed
 
 QR_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                         ExplicitVRBigEndian]
@@ -75,65 +77,34 @@ def handle_find(event: evt.Event, ctx) -> Any:
     """EVT_C_FIND: yields (status, identifier) pairs from :func:`dicomnode.qr.find.find`."""
     from dicomnode.qr.find import find
 
+    requestor = event.assoc.requestor
+    if not qr_allowed(ctx.config, str(requestor.ae_title), requestor.address):
+        log.warning("C-FIND from %s refused (0x%04X): calling AE %s at %s is not in qr.allowed_peers nor a move "
+                    "destination", _peer(event), NOT_AUTHORIZED, str(requestor.ae_title).strip(), requestor.address)
+        yield NOT_AUTHORIZED, None
+        return
     identifier = _identifier(event, "C-FIND")
     if identifier is None:
         yield UNABLE_TO_PROCESS, None
         return
+    cancelled: list[bool] = []
+
+    def is_cancelled() -> bool:  # pynetdicom reports a C-CANCEL once; remember it
+        if not cancelled and event.is_cancelled:
+            cancelled.append(True)
+        return bool(cancelled)
+
     yield from find(ctx.sessions, identifier, root=ROOTS[str(event.request.AffectedSOPClassUID)],
-                    ae_title=ctx.config.ae_title, is_cancelled=lambda: event.is_cancelled,
+                    ae_title=ctx.config.ae_title, is_cancelled=is_cancelled,
                     max_results=ctx.config.qr.max_find_results, peer=_peer(event))
 
 
-def _store_association_contexts(event: evt.Event, destination: str) -> Callable[[], list | None]:
-    """The contexts accepted by the move destination on the sub-association pynetdicom opened for this move.
-
-    pynetdicom does not hand that association to the handler: it is the newest established association
-    this AE requested from ``destination``; found once, on the first sub-operation.
-    """
-    found: list = []
-
-    def accepted() -> list | None:
-        if not found:
-            for assoc in reversed(event.assoc.ae.active_associations):
-                if (assoc is not event.assoc and assoc.is_requestor and assoc.is_established
-                        and str(assoc.acceptor.ae_title).strip() == destination.strip()):
-                    found.append(assoc.accepted_contexts)
-                    break
-        return found[0] if found else None
-
-    return accepted
-
-
-def handle_move(event: evt.Event, ctx) -> Any:
-    """EVT_C_MOVE: destination, number of sub-operations, then (status, dataset) from :func:`retrieve.move`."""
-    from dicomnode.qr.retrieve import move
-
-    identifier = _identifier(event, "C-MOVE")
-    if identifier is None:
-        raise ValueError("C-MOVE identifier does not decode")
-    destination = str(event.move_destination or "")
-    yield from move(ctx.config, ctx.sessions, identifier, destination,
-                    root=ROOTS[str(event.request.AffectedSOPClassUID)], storage_dir=ctx.storage_dir,
-                    is_cancelled=lambda: event.is_cancelled,
-                    accepted=_store_association_contexts(event, destination), peer=_peer(event))
-
-
-def handle_get(event: evt.Event, ctx) -> Any:
-    """EVT_C_GET: number of sub-operations, then (status, dataset) from :func:`retrieve.get`."""
-    from dicomnode.qr.retrieve import get
-
-    identifier = _identifier(event, "C-GET")
-    if identifier is None:
-        raise ValueError("C-GET identifier does not decode")
-    yield from get(ctx.config, ctx.sessions, identifier, root=ROOTS[str(event.request.AffectedSOPClassUID)],
-                   storage_dir=ctx.storage_dir, is_cancelled=lambda: event.is_cancelled,
-                   accepted=lambda: event.assoc.accepted_contexts, peer=_peer(event))
-
-
 def event_handlers(ctx) -> list[Any]:
-    """(event, handler, args) tuples for C-FIND / C-MOVE / C-GET."""
+    """(event, handler, args) tuples for C-FIND; C-MOVE / C-GET are served by :mod:`dicomnode.qr.service`
+    on the associations its EVT_ESTABLISHED handler marks."""
+    from dicomnode.qr import service
+
     return [
+        (evt.EVT_ESTABLISHED, service.attach, [ctx]),
         (evt.EVT_C_FIND, handle_find, [ctx]),
-        (evt.EVT_C_MOVE, handle_move, [ctx]),
-        (evt.EVT_C_GET, handle_get, [ctx]),
     ]

@@ -28,13 +28,19 @@ from dicomnode.qr.query import IdentifierError, describe, dialect_of, filters, j
 
 log = logging.getLogger("dicomnode.qr.find")
 
-PENDING = 0xFF00
-CANCEL = 0xFE00
-OUT_OF_RESOURCES = 0xA700
-IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-UNABLE_TO_PROCESS = 0xC000
+from dicomnode.dicom_status import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    PENDING,
+    UNABLE_TO_PROCESS,
+)
 
 BATCH = 500
+
+#: Called before each pending response is yielded, with the number of responses already sent and the
+#: request's cancel check: a point where diagnostics (and tests) can observe or hold the generator.
+RESPONSE_HOOKS: list[Callable[[int, Callable[[], bool]], None]] = []
 
 #: The row columns each level selects (labels used when building responses).
 _ID_COLUMN = {"PATIENT": Patient.id, "STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}
@@ -52,7 +58,8 @@ def _columns(level: str, with_private: bool) -> list[Any]:
                  Series.body_part_examined.label("body_part_examined")]
     if level == "IMAGE" and with_private:
         cols += [SliceResult.p_neck, SliceResult.p_lungs, SliceResult.p_liver, SliceResult.p_pelvis,
-                 SliceResult.p_legs, SliceResult.predicted, SliceResult.position,
+                 SliceResult.p_legs, SliceResult.p_head, SliceResult.p_abdomen, SliceResult.predicted,
+                 SliceResult.position,
                  SliceResult.model_version.label("sr_model_version")]
     return cols
 
@@ -61,6 +68,25 @@ def _columns(level: str, with_private: bool) -> list[Any]:
 
 def _grouped(session: Session, stmt) -> dict[int, int]:
     return {k: v for k, v in session.execute(stmt).all()}
+
+
+def _sop_classes(session: Session, ids: list[int], by_series: bool = False) -> dict[int, list[str]]:
+    """SOPClassesInStudy: the distinct SOP classes of each study's instances, keyed by study id (or, with
+    ``by_series``, by the id of each series in ``ids``, listing the classes of the series' whole study)."""
+    other = Series.__table__.alias("study_series")
+    if by_series:
+        key = Series.id
+        stmt = (select(key, Instance.sop_class_uid).join(other, other.c.study_fk == Series.study_fk)
+                .join(Instance, Instance.series_fk == other.c.id).where(Series.id.in_(ids)))
+    else:
+        key = Series.study_fk
+        stmt = (select(key, Instance.sop_class_uid).join(Instance, Instance.series_fk == Series.id)
+                .where(Series.study_fk.in_(ids)))
+    classes: dict[int, list[str]] = defaultdict(list)
+    for owner, uid in session.execute(stmt.distinct().order_by(key, Instance.sop_class_uid)).all():
+        if uid:
+            classes[owner].append(uid)
+    return classes
 
 
 def _aggregates(session: Session, level: str, ids: list[int], wanted: set[str], with_private: bool) -> dict[str, dict]:
@@ -96,7 +122,11 @@ def _aggregates(session: Session, level: str, ids: list[int], wanted: set[str], 
                 if modality:
                     modalities[study_fk].append(modality)
             out["ModalitiesInStudy"] = modalities
+        if "SOPClassesInStudy" in wanted:
+            out["SOPClassesInStudy"] = _sop_classes(session, ids)
     elif level == "SERIES":
+        if "SOPClassesInStudy" in wanted:
+            out["SOPClassesInStudy"] = _sop_classes(session, ids, by_series=True)
         if "NumberOfSeriesRelatedInstances" in wanted:
             out["NumberOfSeriesRelatedInstances"] = _grouped(
                 session, select(Instance.series_fk, func.count(Instance.id)).where(Instance.series_fk.in_(ids))
@@ -245,6 +275,8 @@ def find(sessions: sessionmaker[Session], identifier: Dataset, *, root: str = "S
                 break
             aggregates = _aggregates(session, level, [r["_id"] for r in rows], set(wanted), block is not None)
             for row in rows:
+                for hook in RESPONSE_HOOKS:
+                    hook(sent, is_cancelled)
                 if is_cancelled():
                     log.info("C-FIND %s from %s cancelled after %d result(s)", describe(identifier, level), peer, sent)
                     yield CANCEL, None

@@ -68,6 +68,7 @@ _KEYS = [
     Key("StudyDescription", "LO", "STUDY", Study.study_description),
     Key("ReferringPhysicianName", "PN", "STUDY", Study.referring_physician_name),
     Key("ModalitiesInStudy", "CS", "STUDY", multi=True),  # computed; matched with EXISTS over series
+    Key("SOPClassesInStudy", "UI", "STUDY", multi=True, matchable=False),  # computed
     Key("NumberOfStudyRelatedSeries", "IS", "STUDY", matchable=False),
     Key("NumberOfStudyRelatedInstances", "IS", "STUDY", matchable=False),
     Key("SeriesInstanceUID", "UI", "SERIES", Series.series_instance_uid),

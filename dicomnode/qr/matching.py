@@ -4,7 +4,8 @@ One query value becomes one SQL clause:
 
 - empty value, or ``*`` alone: universal matching (no clause);
 - ``*`` / ``?`` in a value: wildcard matching (case-sensitive ``GLOB`` on SQLite, ``LIKE`` elsewhere;
-  person names are matched case-insensitively, as C.2.2.2.1 allows);
+  person names are matched case-insensitively, as C.2.2.2.1 allows, with Unicode lower case on SQLite
+  and PostgreSQL alike: ``müller`` matches ``MÜLLER`` on both);
 - ``a-b``, ``-b``, ``a-`` for DA / TM / DT: range matching (inclusive; a partial upper time bound such as
   ``1100`` covers all of 11:00);
 - several values separated by backslash: list matching (a UID list, or any of the values);
@@ -86,10 +87,17 @@ def like_pattern(value: str) -> str:
     return "".join(out)
 
 
+def unicode_lower(column: ColumnElement, dialect: str) -> ColumnElement:
+    """``column`` in Unicode lower case on every database: PostgreSQL's lower() (Unicode under the
+    database's UTF-8 ctype); on SQLite, whose lower() is ASCII-only, the ``unicode_lower`` function that
+    :mod:`dicomnode.db.session` registers on each connection (Python's str.lower)."""
+    return func.unicode_lower(column) if dialect == "sqlite" else func.lower(column)
+
+
 def wildcard_clause(column: ColumnElement, value: str, dialect: str, case_insensitive: bool = False) -> ColumnElement:
     """``column`` matches the DICOM wildcard ``value``."""
     if case_insensitive:
-        return func.lower(column).like(func.lower(literal(like_pattern(value))), escape=_LIKE_ESCAPE)
+        return unicode_lower(column, dialect).like(like_pattern(value.lower()), escape=_LIKE_ESCAPE)
     if dialect == "sqlite":
         return column.op("GLOB")(glob_pattern(value))
     return column.like(like_pattern(value), escape=_LIKE_ESCAPE)
@@ -97,7 +105,7 @@ def wildcard_clause(column: ColumnElement, value: str, dialect: str, case_insens
 
 def single_clause(column: ColumnElement, value: str, dialect: str, case_insensitive: bool = False) -> ColumnElement:
     if case_insensitive:
-        return func.lower(column) == func.lower(literal(value))
+        return unicode_lower(column, dialect) == value.lower()
     return column == value
 
 

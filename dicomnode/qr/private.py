@@ -9,7 +9,7 @@ SERIES level
   (0011,xx03) LO  ModelVersion            version of the model that classified the series (matchable)
   (0011,xx04) CS  OriginalBodyPartExamined the BodyPartExamined the modality sent
   (0011,xx10) SQ  RegionRangeSequence     one item per contiguous region, in anatomical order:
-      (0011,xx11) CS Region (NECK, LUNG, LIVER, PELVIS, LEG)
+      (0011,xx11) CS Region (HEAD, NECK, LUNG, LIVER, ABDOMEN, PELVIS, LEG: the model's classes)
       (0011,xx12) IS FirstInstanceNumber    (0011,xx13) IS LastInstanceNumber
       (0011,xx14) UI FirstSOPInstanceUID    (0011,xx15) UI LastSOPInstanceUID
       (0011,xx16) DS ZStart (mm)            (0011,xx17) DS ZEnd (mm)
@@ -17,8 +17,10 @@ SERIES level
 IMAGE level
   (0011,xx01), (0011,xx03) as above, for the slice's series
   (0011,xx20) DS SliceProbabilities       five values: neck, lungs, liver, pelvis, legs
-  (0011,xx21) LO PredictedRegion          argmax class name (neck, lungs, liver, pelvis, legs)
+  (0011,xx21) LO PredictedRegion          argmax class name (head, neck, lungs, liver, abdomen, pelvis, legs)
   (0011,xx22) IS AnatomicalPosition       0 = the top slice of the series in anatomical order
+  (0011,xx23) DS HeadProbability          probability of class head; empty when the model has no head class
+  (0011,xx24) DS AbdomenProbability       probability of class abdomen; empty when the model has none
 
 The block is returned when the identifier holds any element of group 0x0011 (e.g. only the creator,
 ``-k "(0011,0010)=DICOMNODE 1.0"``).
@@ -40,6 +42,7 @@ RANGES = 0x10
 R_REGION, R_FIRST_NUMBER, R_LAST_NUMBER, R_FIRST_UID, R_LAST_UID = 0x11, 0x12, 0x13, 0x14, 0x15
 R_Z_START, R_Z_END, R_N_SLICES, R_MEAN_P = 0x16, 0x17, 0x18, 0x19
 SLICE_P, SLICE_PREDICTED, SLICE_POSITION = 0x20, 0x21, 0x22
+SLICE_P_HEAD, SLICE_P_ABDOMEN = 0x23, 0x24
 
 #: Matchable private elements: offset -> (name, VR).
 MATCHABLE = {STATE: ("ClassificationState", "LO"), MODEL_VERSION: ("ModelVersion", "LO")}
@@ -128,8 +131,13 @@ def add_image_block(ds: Dataset, block: int, row: dict[str, Any]) -> None:
         ds.add_new(_tag(block, SLICE_P), "DS", "")
         ds.add_new(_tag(block, SLICE_PREDICTED), "LO", "")
         ds.add_new(_tag(block, SLICE_POSITION), "IS", "")
+        ds.add_new(_tag(block, SLICE_P_HEAD), "DS", "")
+        ds.add_new(_tag(block, SLICE_P_ABDOMEN), "DS", "")
         return
     probs = [row["p_neck"], row["p_lungs"], row["p_liver"], row["p_pelvis"], row["p_legs"]]
     ds.add_new(_tag(block, SLICE_P), "DS", [f"{p:.4f}" for p in probs])
     ds.add_new(_tag(block, SLICE_PREDICTED), "LO", row.get("predicted") or "")
     ds.add_new(_tag(block, SLICE_POSITION), "IS", row.get("position"))
+    for offset, key in ((SLICE_P_HEAD, "p_head"), (SLICE_P_ABDOMEN, "p_abdomen")):
+        value = row.get(key)
+        ds.add_new(_tag(block, offset), "DS", "" if value is None else f"{value:.4f}")

@@ -1,7 +1,18 @@
 """The classification worker: claim a job, classify its series, store the results; repeat until stopped.
 
-Runs as a thread of ``dicomnode serve`` or as its own process (``dicomnode worker``); any number may share
-one index (SQLite on one machine, PostgreSQL on several). Per job:
+Runs in supervised processes of ``dicomnode serve`` (``worker.processes``, at ``worker.nice``) or as its
+own process (``dicomnode worker``); any number may share one index (SQLite on one machine, PostgreSQL on
+several).
+
+Between jobs (``worker.early``) the worker classifies slices while their series is still arriving: batches
+of newly indexed CT instances of series in state ``receiving`` are read once each (header and pixels, from
+the files just written, still in the page cache) and inferred; their headers and probabilities are kept in
+memory (:class:`EarlyCache`). When the series completes (:mod:`dicomnode.queue.stability`), its job only
+reads the headers of the slices it does not hold, orders them, classifies what is missing and decodes the
+regions. The cache is an optimisation only: an entry counts only for the same instance row, file and size,
+and a job on another worker (or after a restart) classifies everything itself, with the same result.
+
+Per job:
 
 1. claim it with a lease (:func:`dicomnode.queue.jobs.claim_next`); a keeper thread extends the lease every
    third of ``worker.lease_s`` while the job runs, so a worker that dies leaves its job to be claimed
@@ -14,10 +25,12 @@ one index (SQLite on one machine, PostgreSQL on several). Per job:
    ranges, and set ``Series.body_parts`` (backslash-joined Body Part Examined terms), ``model_version`` and
    ``classified_at``; then mark the job done.
 
-Any error (a slice that does not decode, inconsistent geometry, a missing file, a model that does not
-load, a database error) goes back to the queue with exponential backoff and ends ``failed`` after
-``worker.max_attempts`` attempts, the error kept on the job and the series. The worker itself never dies
-of a job.
+A permanent error (a slice that does not decode, inconsistent geometry, mixed sizes: ``ValueError`` from
+reading, planning or classifying the series) ends the job ``failed`` at once with the reason. Any other
+error (a missing file, a model that does not load, a database error) goes back to the queue with
+exponential backoff and ends ``failed`` after ``worker.max_attempts`` claims, the error kept on the job and
+the series; a job whose worker was killed counts too (:func:`dicomnode.queue.jobs.claim_next`). The worker
+itself never dies of a job.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +51,46 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.queue import jobs
 from dicomnode.config import Config
 from dicomnode.db.models import Instance, Job, RegionRange, Series, SliceResult, utcnow
+from dicomnode.http import metrics
+from dicomnode.db.clock import db_utcnow
+from dicomnode.results import runner as results_runner
+from dicomnode.results.jobs import configured as results_configured, enqueue_after_classification
 
 log = logging.getLogger("dicomnode.queue.worker")
 
 
 class LeaseLost(RuntimeError):
     """Another worker holds the job now; this worker's results are dropped."""
+
+
+class ModelUnavailable(RuntimeError):
+    """The model did not load: an environment problem, retried with backoff (not a fault of the series)."""
+
+
+class EarlyCache:
+    """Slices classified before their series completed: instance row id -> (path, size, model, slice).
+
+    Bounded (oldest entries dropped first); an entry counts only for the same file, size and model.
+    """
+
+    def __init__(self, max_slices: int = 50_000) -> None:
+        self.max_slices = max_slices
+        self.entries: OrderedDict[int, tuple[str, int, str, object]] = OrderedDict()
+        #: highest instance row id looked at; newer rows are the next early batch
+        self.watermark = 0
+
+    def put(self, instance: Instance, model_version: str, early) -> None:
+        self.entries[instance.id] = (instance.path, instance.size_bytes, model_version, early)
+        self.entries.move_to_end(instance.id)
+        while len(self.entries) > self.max_slices:
+            self.entries.popitem(last=False)
+
+    def get(self, instance: Instance, model_version: str):
+        """The :class:`dicomnode.classification.pipeline.EarlySlice` of ``instance``, or None."""
+        entry = self.entries.get(instance.id)
+        if entry is None or entry[:3] != (instance.path, instance.size_bytes, model_version):
+            return None
+        return entry[3]
 
 
 @dataclass
@@ -58,14 +106,17 @@ class WorkerState:
     #: The last series this worker classified (a :class:`dicomnode.classification.pipeline.SeriesClassification`, whose
     #: ``timings`` include reading the headers and storing the results); for monitoring and benchmarks.
     last_result: object | None = field(default=None, repr=False)
+    early: EarlyCache = field(default_factory=EarlyCache, repr=False)
 
     def model(self):
         """The classification model (``model.path`` or the shipped default), loaded on first use and
         loaded again when its checkpoint file was replaced (``dicomnode promote`` replaces it atomically),
         so a promoted model is used from the next job on."""
-        from dicomnode.classification.model import checkpoint_path
+        from dicomnode.classification.model import node_model_path
 
-        path = checkpoint_path(self.cfg.model.path or None)
+        # Resolved before every job: a model promoted into <data_dir>/models/ while model.path was empty
+        # is found without a restart (see node_model_path).
+        path = node_model_path(self.cfg.model.path or None, self.cfg.resolved_data_dir)
         try:
             st = path.stat()
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -76,7 +127,7 @@ class WorkerState:
             from dicomnode.classification.model import load_model
 
             configure_torch(self.cfg.worker.threads)
-            self._model = load_model(self.cfg.model.path or None, self.cfg.worker.device)
+            self._model = load_model(path, self.cfg.worker.device)
             self._model_stamp = stamp
             log.info("worker %s loaded model %s (%s) on %s", self.owner, self._model.version, path,
                      self._model.device)
@@ -138,13 +189,42 @@ def _series_files(sessions: sessionmaker[Session], series_id: int) -> tuple[Seri
         return series, instances
 
 
-def _read_all_headers(storage_dir: Path, instances: list[Instance], threads: int = 4):
+def _read_all_headers(storage_dir: Path, instances: list[Instance], threads: int = 4,
+                      known: dict[int, object] | None = None):
+    """Headers of the instances' files; those in ``known`` (instance id -> early slice) are not read again."""
     from dicomnode.classification.imaging.series import read_headers
 
-    paths = [storage_dir / inst.path for inst in instances]
+    known = known or {}
+    todo = [inst for inst in instances if inst.id not in known]
+    paths = [storage_dir / inst.path for inst in todo]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicomnode-headers") as pool:
-        per_file = list(pool.map(read_headers, paths))
-    return [h for hs in per_file for h in hs]
+        per_file = dict(zip((inst.id for inst in todo), pool.map(read_headers, paths)))
+    return [h for inst in instances for h in ([known[inst.id].header] if inst.id in known else per_file[inst.id])]
+
+
+def classify_arrivals(state: WorkerState) -> int:
+    """Classify the next batch of newly indexed CT instances of series still receiving; returns how many
+    files were looked at (0: nothing new). Their headers and probabilities go to ``state.early``."""
+    from dicomnode.classification.pipeline import classify_files
+
+    cfg = state.cfg
+    cache = state.early
+    with state.sessions() as s:
+        rows = list(s.scalars(
+            select(Instance).join(Series, Series.id == Instance.series_fk)
+            .where(Instance.id > cache.watermark, Series.state == "receiving", Series.modality == "CT")
+            .order_by(Instance.id).limit(max(1, cfg.worker.batch_size))))
+        if not rows:  # move the watermark past rows of other series, so the next look starts later
+            top = s.scalar(select(Instance.id).order_by(Instance.id.desc()).limit(1))
+            cache.watermark = max(cache.watermark, top or 0)
+            return 0
+    cache.watermark = rows[-1].id
+    model = state.model()
+    storage = cfg.resolved_storage_dir
+    for inst, early in zip(rows, classify_files([storage / r.path for r in rows], model, cancel=state.stop)):
+        if early is not None:
+            cache.put(inst, model.version, early)
+    return len(rows)
 
 
 def store_results(sessions: sessionmaker[Session], job_id: int, owner: str, series_id: int, result,
@@ -174,6 +254,7 @@ def store_results(sessions: sessionmaker[Session], job_id: int, owner: str, seri
                 instance_fk=instance_ids[sl.sop_instance_uid], series_fk=series_id, model_version=result.model_version,
                 position=sl.position, z_mm=sl.z_mm, p_neck=p.get("neck", 0.0), p_lungs=p.get("lungs", 0.0),
                 p_liver=p.get("liver", 0.0), p_pelvis=p.get("pelvis", 0.0), p_legs=p.get("legs", 0.0),
+                p_head=p.get("head"), p_abdomen=p.get("abdomen"),
                 predicted=sl.predicted, body_parts="\\".join(BODY_PARTS.get(r, r.upper()) for r in sl.regions)))
         if rows:
             s.execute(insert(SliceResult), rows)
@@ -196,7 +277,7 @@ def _release(sessions: sessionmaker[Session], job_id: int, owner: str) -> None:
         released = s.execute(
             update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
             .values(state="queued", lease_owner="", lease_expires_at=None, attempts=Job.attempts - 1,
-                    not_before=utcnow(), updated_at=utcnow())).rowcount
+                    not_before=db_utcnow(), updated_at=db_utcnow())).rowcount
         if released:
             series_id = s.scalar(select(Job.series_fk).where(Job.id == job_id))
             s.execute(update(Series).where(Series.id == series_id).values(classification_state="queued"))
@@ -216,7 +297,17 @@ def process_job(state: WorkerState, job: Job) -> str:
                 return "skipped"
             uid = series.series_instance_uid
             t0 = time.perf_counter()
-            headers = _read_all_headers(cfg.resolved_storage_dir, instances)
+            try:
+                model = state.model()
+            except Exception as exc:
+                raise ModelUnavailable(f"the model did not load: {type(exc).__name__}: {exc}") from exc
+            known = {}
+            if cfg.worker.early:
+                for inst in instances:
+                    early = state.early.get(inst, model.version)
+                    if early is not None:
+                        known[inst.id] = early
+            headers = _read_all_headers(cfg.resolved_storage_dir, instances, known=known)
             t_headers = time.perf_counter() - t0
             plan = plan_series(headers, cfg.worker.min_slices)
             if plan.in_scope and any(h.frame is not None for h in plan.slices):
@@ -227,8 +318,8 @@ def process_job(state: WorkerState, job: Job) -> str:
                 store_results(state.sessions, job.id, state.owner, series.id, None, {})
                 jobs.finish(state.sessions, job.id, state.owner, "skipped", plan.skip_reason)
                 return "skipped"
-            model = state.model()
-            result = classify_plan(plan, model, batch_size=cfg.worker.batch_size, cancel=keeper.cancel)
+            result = classify_plan(plan, model, batch_size=cfg.worker.batch_size, cancel=keeper.cancel,
+                                   known={e.header.sop_instance_uid: e.probabilities for e in known.values()})
             result.timings.headers_s = t_headers
             ids = {inst.sop_instance_uid: inst.id for inst in instances}
             t0 = time.perf_counter()
@@ -237,9 +328,13 @@ def process_job(state: WorkerState, job: Job) -> str:
             state.last_result = result
             if not jobs.finish(state.sessions, job.id, state.owner, "done"):
                 return "lost"
-            log.info("job %d: series %s classified: %d slices, %s, model %s (%.2f s)", job.id, uid, result.n_slices,
+            if results_configured(cfg):  # issue 14: SR/KOS and routing jobs of this classification
+                enqueue_after_classification(state.sessions, cfg, series.id)
+            log.info("job %d: series %s classified: %d slices (%d classified as they arrived), %s, model %s "
+                     "(%.2f s)", job.id, uid, result.n_slices, len(known),
                      " ".join(f"{r.region}[{r.first_position}-{r.last_position}]" for r in result.regions) or "-",
                      result.model_version, result.timings.total_s)
+            metrics.classified(result.timings.total_s, series.last_received_at)
             return "done"
         except (Cancelled, LeaseLost) as exc:
             if keeper.lost or isinstance(exc, LeaseLost):
@@ -249,12 +344,16 @@ def process_job(state: WorkerState, job: Job) -> str:
             log.info("job %d: worker stopping; job returned to the queue", job.id)
             return "queued"
         except Exception as exc:  # anything a series or the environment throws ends on the job, not the worker
-            error = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, (ValueError, OSError, FileNotFoundError)):
+            error = str(exc) if isinstance(exc, (ValueError, OSError, ModelUnavailable)) \
+                else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, (ValueError, OSError, ModelUnavailable)):
                 log.exception("job %d: unexpected error", job.id)
+            # The series' data (pixels that do not decode, geometry, sizes) fails the same way every time.
+            # A file that cannot be opened (wrapped in a ValueError naming it) may come back: not permanent.
+            permanent = isinstance(exc, ValueError) and not isinstance(exc.__cause__, OSError)
             try:
                 return jobs.fail(state.sessions, job.id, state.owner, error, cfg.worker.max_attempts,
-                                 cfg.worker.retry_backoff_s)
+                                 cfg.worker.retry_backoff_s, permanent=permanent)
             except Exception as db_exc:
                 log.error("job %d: could not record the failure (%s): %s", job.id, db_exc, error)
                 return "lost"
@@ -262,11 +361,13 @@ def process_job(state: WorkerState, job: Job) -> str:
 
 def process_next(state: WorkerState) -> str | None:
     """Claim and run one job; None when no job is runnable."""
-    job = jobs.claim_next(state.sessions, state.owner, state.cfg.worker.lease_s)
+    job = jobs.claim_next(state.sessions, state.owner, state.cfg.worker.lease_s,
+                          max_attempts=state.cfg.worker.max_attempts)
     if job is None:
         return None
     log.info("job %d claimed (series id %d, attempt %d)", job.id, job.series_fk, job.attempts)
-    return process_job(state, job)
+    started = time.monotonic()
+    return metrics.job_finished(job.kind, process_job(state, job), started)
 
 
 def run(cfg: Config, stop: threading.Event, sessions: sessionmaker[Session] | None = None) -> None:
@@ -287,11 +388,22 @@ def run(cfg: Config, stop: threading.Event, sessions: sessionmaker[Session] | No
     state = WorkerState(cfg, sessions, default_owner(), stop)
     log.info("worker %s started (lease %.0f s, batch %d, device %s)", state.owner, cfg.worker.lease_s,
              cfg.worker.batch_size, cfg.worker.device)
+    if results_configured(cfg):  # issue 14: the results and forward jobs run beside the classification
+        results_runner.start(cfg, stop, sessions, state.owner)
+    if cfg.worker.early:  # import torch and load the model now, not when the first series arrives
+        try:
+            state.model()
+        except Exception as exc:  # the job that needs it reports the error
+            log.error("worker %s: the model did not load: %s", state.owner, exc)
     try:
         while not stop.is_set():
             try:
                 outcome = process_next(state)
+                if outcome is None and cfg.worker.early:
+                    outcome = "early" if classify_arrivals(state) else None
             except Exception as exc:  # e.g. the database is unreachable: wait and try again
+                if stop.is_set():  # early classification cancelled by the stop
+                    break
                 log.error("worker: %s", exc)
                 outcome = None
             if outcome is None:

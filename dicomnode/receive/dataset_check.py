@@ -34,11 +34,25 @@ def _tag_str(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+#: Transfer syntaxes whose Pixel Data is native (defined length); every other one encapsulates it.
+NATIVE_SYNTAXES = frozenset({IMPLICIT_LE, "1.2.840.10008.1.2.1", DEFLATED, EXPLICIT_BE})
+_PIXEL_DATA = 0x7FE00010
+
+
 class _Walker:
-    def __init__(self, buf: bytes, explicit: bool, little: bool) -> None:
+    def __init__(self, buf: bytes, explicit: bool, little: bool, encapsulated: bool | None = None) -> None:
         self.buf = buf
         self.explicit = explicit
         self.e = "<" if little else ">"
+        #: True/False: the top-level Pixel Data must be encapsulated / native; None: not checked.
+        self.encapsulated = encapsulated
+
+    def _pixel_data_mismatch(self, pos: int, undefined: bool) -> IncompleteDataset:
+        if undefined:
+            return IncompleteDataset(f"Pixel Data at byte {pos} is encapsulated (undefined length) but the "
+                                     "transfer syntax is a native one")
+        return IncompleteDataset(f"Pixel Data at byte {pos} has a defined length (native) but the transfer "
+                                 "syntax is an encapsulated (compressed) one")
 
     def _need(self, pos: int, n: int, what: str) -> None:
         if pos + n > len(self.buf):
@@ -82,7 +96,9 @@ class _Walker:
                 (length,) = struct.unpack_from(self.e + "L", buf, pos + 4)
                 pos += 8
             if length == UNDEFINED_LENGTH:
-                if tag == 0x7FE00010:
+                if tag == _PIXEL_DATA:
+                    if self.encapsulated is False and depth == 0:
+                        raise self._pixel_data_mismatch(pos, True)
                     pos = self.fragments(pos, tag)
                 else:  # SQ, or UN/implicit with undefined length: a sequence of items
                     pos = self.items(pos, tag, depth)
@@ -91,6 +107,8 @@ class _Walker:
                 limit = len(buf) if end is None else end
                 raise IncompleteDataset(
                     f"element {_tag_str(tag)} claims {length} bytes at byte {pos}, only {limit - pos} remain")
+            if tag == _PIXEL_DATA and self.encapsulated and depth == 0:
+                raise self._pixel_data_mismatch(pos, False)
             if vr == b"SQ" or (not vr and length and self._looks_like_items(pos, tag)):
                 self.items_defined(pos, pos + length, tag, depth)
             pos += length
@@ -157,14 +175,17 @@ class _Walker:
 
 
 def check_complete(dataset: bytes | memoryview, transfer_syntax_uid: str) -> None:
-    """Raise :class:`IncompleteDataset` unless ``dataset`` (no preamble/meta) is structurally whole."""
+    """Raise :class:`IncompleteDataset` unless ``dataset`` (no preamble/meta) is structurally whole
+    and its top-level Pixel Data is encoded as ``transfer_syntax_uid`` says (native: defined length;
+    encapsulated: undefined length with fragments)."""
     buf = bytes(dataset)
     if transfer_syntax_uid == DEFLATED:
         try:
             buf = zlib.decompress(buf, -zlib.MAX_WBITS)
         except zlib.error as exc:
             raise IncompleteDataset(f"deflated dataset does not inflate: {exc}") from exc
-    walker = _Walker(buf, explicit=transfer_syntax_uid != IMPLICIT_LE, little=transfer_syntax_uid != EXPLICIT_BE)
+    walker = _Walker(buf, explicit=transfer_syntax_uid != IMPLICIT_LE, little=transfer_syntax_uid != EXPLICIT_BE,
+                     encapsulated=transfer_syntax_uid not in NATIVE_SYNTAXES if transfer_syntax_uid else None)
     end = walker.elements(0, None, 0)
     if end != len(buf):
         raise IncompleteDataset(f"{len(buf) - end} stray bytes after the last element")

@@ -5,13 +5,19 @@
 - :class:`FastRequestHandler` makes the associations the listener accepts read whole PDUs and wake
   their threads as soon as there is work, and answers a plain C-STORE with a directly packed response.
 
-These rely on pynetdicom 3's internals (``dul.to_provider_queue``, ``dimse.msg_queue``, the ``time``
-module of its ``dul`` and ``association`` modules); where they are not as expected, each piece steps
-aside and pynetdicom's own code runs. This is the module to check first after a pynetdicom upgrade.
+These rely on pynetdicom 3.0's internals (``dul.to_provider_queue``, ``dimse.msg_queue``, the ``time``
+module of its ``dul`` and ``association`` modules; pyproject pins pynetdicom to 3.0.x). :func:`engage`
+checks them when a listener starts and logs once whether the fast path is engaged; where they are not
+as expected it is not, and pynetdicom's own code runs. This is the module to check first after a
+pynetdicom upgrade (tests/test_fastpath.py checks it engages on the pinned version).
+
+The PDU bounds (``listener.max_pdu_bytes``, the network timeout on a PDU body) are enforced by
+:class:`FastAssociationSocket`; the socket timeout applies even where the fast path is not engaged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -26,6 +32,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from dicomnode.dicom_status import CANNOT_DECODE, INVALID_UID
+
+log = logging.getLogger("dicomnode.receive.fastpath")
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -76,22 +86,92 @@ def part10_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid:
 # association thread packs and sends a plain C-STORE response itself (same bytes). Nothing else in
 # the process is affected; with another pynetdicom layout the patches step aside.
 
+#: Largest A-ASSOCIATE-RQ (and any PDU other than P-DATA-TF) accepted, in bytes: 128 presentation
+#: contexts with 10 transfer syntaxes each and a user identity item stay far below it.
+MAX_ASSOCIATE_RQ_BYTES = 256 * 1024
+_ABORT_PDU = struct.pack(">BBLBBBB", 0x07, 0x00, 4, 0x00, 0x00, 0x02, 0x06)  # provider, invalid PDU parameter
+#: A PDU's buffer starts at most this large (DCMTK sends 128 KiB PDUs: one allocation, as before) and
+#: grows x4 as data arrives: an announced length alone never costs more than this.
+_FIRST_CHUNK = 256 * 1024
+
+
+class PduTooLong(OSError):
+    """A peer's PDU header claims more bytes than this node accepts."""
+
+
 class FastAssociationSocket(AssociationSocket):
-    """:class:`AssociationSocket` that reads ``nr_bytes`` into one buffer (recv_into) rather than 4 KiB chunks."""
+    """:class:`AssociationSocket` with bounded, timed PDU reads.
+
+    - A PDU header whose length exceeds the limit (``max_pdu_bytes`` for a P-DATA-TF, the node's
+      advertised maximum; :data:`MAX_ASSOCIATE_RQ_BYTES` for any other PDU) is answered with an
+      A-ABORT and the connection closed, with a log line: nothing is allocated for it.
+    - The buffer of a PDU grows with what has arrived (256 KiB, then x4 up to the announced length),
+      so a header that lies costs at most what the peer really sent (or 256 KiB).
+    - A PDU body must arrive within ``network_timeout`` seconds (each read waits at most that long,
+      and the whole body too): a stalled peer is disconnected.
+    - Reads go into one buffer (recv_into) rather than pynetdicom's 4 KiB chunks.
+    """
+
+    max_pdu_bytes: int = 0  # 0: no limit (set by FastRequestHandler from the AE)
+    pdu_timeout: float | None = None
+    _body_length: int | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if self._body_length is not None and nr_bytes == self._body_length:
+            self._body_length = None
+            return self._read(nr_bytes)
+        header = self._read(nr_bytes)
+        if nr_bytes == 6 and len(header) == 6:  # pynetdicom reads a PDU's type and length first
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            limit = self.max_pdu_bytes if pdu_type == 0x04 else MAX_ASSOCIATE_RQ_BYTES
+            if limit and length > limit:
+                self._refuse(pdu_type, length, limit)
+                return bytearray()  # too short a header: pynetdicom closes the connection (Evt17)
+            self._body_length = length
+        return header
+
+    def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
+        log.warning("connection from %s aborted: PDU type 0x%02X announces %d bytes, more than the %d accepted%s",
+                    _peer(self), pdu_type, length, limit,
+                    " (listener.max_pdu_bytes)" if pdu_type == 0x04 else " for this PDU type")
+        try:
+            self.socket.sendall(_ABORT_PDU)
+        except (OSError, AttributeError):
+            pass
+
+    def _read(self, nr_bytes: int) -> bytearray:
         sock = self.socket
-        buf = bytearray(nr_bytes)
+        buf = bytearray(min(nr_bytes, _FIRST_CHUNK))
         view = memoryview(buf)
         nr_read = 0
-        while nr_read < nr_bytes:
-            n = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not n:  # connection closed: return what was read, as pynetdicom does
-                del view
-                del buf[nr_read:]
-                return buf
-            nr_read += n
+        deadline = None if self.pdu_timeout is None else time.monotonic() + self.pdu_timeout
+        try:
+            while nr_read < nr_bytes:
+                if nr_read == len(buf):  # grow with what has arrived, never to a length only announced
+                    view.release()
+                    buf += bytes(min(nr_bytes, 4 * len(buf)) - len(buf))
+                    view = memoryview(buf)
+                n = sock.recv_into(view[nr_read:], len(buf) - nr_read)
+                if not n:  # connection closed: return what was read, as pynetdicom does
+                    break
+                nr_read += n
+                if deadline is not None and nr_read < nr_bytes and time.monotonic() > deadline:
+                    raise TimeoutError
+        except TimeoutError:
+            # A short result makes pynetdicom close the connection (Evt17), as for a peer that hung up.
+            log.warning("connection from %s closed: only %d of %d bytes of a PDU arrived within "
+                        "listener.network_timeout_s (%s s)", _peer(self), nr_read, nr_bytes, self.pdu_timeout)
+        view.release()
+        if nr_read < len(buf):
+            del buf[nr_read:]
         return buf
+
+
+def _peer(sock: AssociationSocket) -> str:
+    try:
+        return str(sock.assoc.requestor.address)
+    except AttributeError:
+        return "?"
 
 
 class _EarlyWakeTime:
@@ -114,14 +194,67 @@ class _EarlyWakeTime:
             wait(secs)
 
 
-def _patch_pynetdicom_time() -> bool:
+def _patch_pynetdicom_time() -> None:
     import pynetdicom.association
     import pynetdicom.dul
 
     for module in (pynetdicom.dul, pynetdicom.association):
         if not isinstance(module.time, _EarlyWakeTime):
             module.time = _EarlyWakeTime()
-    return True
+
+
+# What the pieces below use of pynetdicom, checked before any is installed (see fast_path_status).
+_CLASS_ATTRIBUTES = {
+    "pynetdicom.dul": ["time", "DULServiceProvider._send", "DULServiceProvider._read_pdu_data"],
+    "pynetdicom.association": ["time", "Association._serve_request", "Association.run", "Association.abort"],
+    "pynetdicom.dimse": ["DIMSEServiceProvider.send_msg"],
+    "pynetdicom.transport": ["AssociationSocket.recv", "AssociationSocket.send", "RequestHandler._create_association"],
+}
+_INSTANCE_ATTRIBUTES = ["_accepted_cx", "requestor", "dul.to_provider_queue", "dul.state_machine", "dul.socket",
+                        "dul._send", "dimse.msg_queue", "dimse.msg_queue.not_empty", "dimse.send_msg", "dimse.msg_queue.queue", "dimse.msg_queue._qsize",
+                        "dimse.maximum_pdu_size"]
+
+
+def _missing(obj: Any, dotted: str) -> bool:
+    for name in dotted.split("."):
+        if not hasattr(obj, name):
+            return True
+        obj = getattr(obj, name)
+    return False
+
+
+def fast_path_status() -> tuple[bool, str]:
+    """(engaged, why): whether this pynetdicom has everything the fast path replaces or wraps.
+
+    Checked when a listener starts (not at import), so that a pynetdicom upgrade that renamed an
+    internal makes the listener run pynetdicom's own code, with a log line, instead of failing.
+    """
+    import importlib
+
+    import pynetdicom
+
+    for module_name, names in _CLASS_ATTRIBUTES.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if _missing(module, name):
+                return False, f"pynetdicom {pynetdicom.__version__} has no {module_name}.{name}"
+    return True, f"pynetdicom {pynetdicom.__version__}"
+
+
+_ENGAGED: list[bool] = []  # [engaged] once engage() has run in this process
+
+
+def engage() -> bool:
+    """Check :func:`fast_path_status`, log the result once per process, install the time patch if engaged."""
+    if not _ENGAGED:
+        engaged, why = fast_path_status()
+        if engaged:
+            _patch_pynetdicom_time()
+            log.info("listener fast path engaged (%s)", why)
+        else:
+            log.warning("listener fast path NOT engaged, pynetdicom's own receive code runs: %s", why)
+        _ENGAGED.append(engaged)
+    return _ENGAGED[0]
 
 
 def _close_fds(*fds: int) -> None:
@@ -152,12 +285,12 @@ def store_response_pdu(context_id: int, message_id: int, sop_class_uid: str, sop
 
 
 def install_early_wake(assoc: Any) -> None:
-    """Let the DUL and association threads of ``assoc`` wake as soon as they have work (see above)."""
+    """Let the DUL and association threads of ``assoc`` wake as soon as they have work (see above).
+
+    The caller has checked ``_INSTANCE_ATTRIBUTES`` on ``assoc`` (FastRequestHandler)."""
     dul = assoc.dul
-    provider_queue = getattr(dul, "to_provider_queue", None)
-    dimse_queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
-    if provider_queue is None or dimse_queue is None or not hasattr(dimse_queue, "not_empty"):
-        return  # not the pynetdicom this was written for: keep its polling
+    provider_queue = dul.to_provider_queue
+    dimse_queue = assoc.dimse.msg_queue
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -266,20 +399,79 @@ def install_early_wake(assoc: Any) -> None:
     assoc._dicomnode_wait = assoc_wait
 
 
+_UID_FIELDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
+
+
+def install_request_guard(assoc: Any) -> None:
+    """Answer, or abort with a log line, the requests pynetdicom would silently drop.
+
+    pynetdicom 3.0 ignores a request that lacks a required command element (e.g. an empty Affected
+    SOP Instance UID: "Received unexpected C-STORE service message", at its WARNING level) and aborts
+    on a request for an unknown presentation context with only an INFO line: the peer then waits for
+    a response that never comes. Here a C-STORE request with a Message ID gets a failure response
+    (0xC220 for a missing UID, 0xC210 otherwise); one without a Message ID, or on a context that was
+    not accepted, aborts the association with a warning naming the reason.
+    """
+    serve = assoc._serve_request
+    dimse = assoc.dimse
+
+    def serve_or_answer(msg: Any, context_id: int) -> None:
+        if type(msg) is C_STORE and msg.MessageIDBeingRespondedTo is None:
+            peer = assoc.requestor.ae_title
+            if context_id not in assoc._accepted_cx:
+                log.warning("association from %s aborted: C-STORE request on presentation context %s, "
+                            "which was not accepted", peer, context_id)
+                assoc.abort()
+                return
+            if not msg.is_valid_request:
+                if msg.MessageID is None:
+                    log.warning("association from %s aborted: C-STORE request without a Message ID", peer)
+                    assoc.abort()
+                    return
+                missing = [name for name in _UID_FIELDS if not getattr(msg, name, None)]
+                status = INVALID_UID if missing else CANNOT_DECODE
+                log.warning("C-STORE from %s refused (0x%04X): the request lacks %s", peer, status,
+                            ", ".join(missing) if missing else "a required command element or its data set")
+                rsp = C_STORE()
+                rsp.MessageIDBeingRespondedTo = msg.MessageID
+                for name in _UID_FIELDS:
+                    value = getattr(msg, name, None)
+                    if value:
+                        setattr(rsp, name, value)
+                rsp.Status = status
+                dimse.send_msg(rsp, context_id)
+                return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_answer
+
+
 class FastRequestHandler(RequestHandler):
-    """pynetdicom's request handler with the faster socket reads and early wake-ups of this section."""
+    """pynetdicom's request handler with the bounded socket reads and early wake-ups of this section.
+
+    Without :func:`engage` (or where it found pynetdicom changed) it is pynetdicom's own handler.
+    """
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         sock = assoc.dul.socket
         raw = getattr(sock, "socket", None)
-        if raw is not None:  # no Nagle: a response's command and data PDUs leave at once (else ~40 ms per C-FIND match)
+        if raw is not None:
+            # Accepted sockets block forever by default: a peer that stops mid-PDU would hold the
+            # association (and its buffer) for ever. Reads and writes wait at most network_timeout.
+            raw.settimeout(self.ae.network_timeout)
+            # no Nagle: a response's command and data PDUs leave at once (else ~40 ms per C-FIND match)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not (_ENGAGED and _ENGAGED[0]):
+            return assoc  # pynetdicom's own reads and polling (still with the timeout above)
         if type(sock) is AssociationSocket:
             sock.__class__ = FastAssociationSocket
-        if _PATCHED:
-            install_early_wake(assoc)
+            sock.max_pdu_bytes = self.ae.maximum_pdu_size or 0
+            sock.pdu_timeout = self.ae.network_timeout
+        missing = [name for name in _INSTANCE_ATTRIBUTES if _missing(assoc, name)]
+        if missing:  # not the pynetdicom this was written for: its own code runs
+            log.debug("fast path not installed on this association: it has no %s", ", ".join(missing))
+            return assoc
+        install_request_guard(assoc)
+        install_early_wake(assoc)
         return assoc
-
-
-_PATCHED = _patch_pynetdicom_time()

@@ -44,6 +44,11 @@ class NodeContext:
     def storage_dir(self) -> Path:
         return self.config.resolved_storage_dir  # resolved once: resolve() costs syscalls per call
 
+    @cached_property
+    def file_mode(self) -> int:
+        """``listener.file_mode`` as a number (validated by the config loader)."""
+        return int(self.config.listener.file_mode, 8)
+
 
 def check_received(encoded: bytes, calling_ae_title: str = "", expected_sop_class_uid: str | None = None,
                    expected_sop_instance_uid: str | None = None) -> InstanceHeader | int:
@@ -79,37 +84,49 @@ def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
     """Store the Part 10 bytes ``encoded`` (preamble + meta + dataset as received); return the status.
 
     Success is returned only after the file is fsynced, renamed into place and its index row committed.
+    A duplicate SOP Instance UID is found by the index's unique constraint in the same transaction as
+    the insert (no separate existence check, so two associations sending the same UID at the same
+    moment cannot both pass it): ``keep`` leaves the first stored bytes and answers Success, ``reject``
+    answers 0xC230 to all but the first, ``replace`` publishes each copy in its commit's order (the
+    last writer wins) and logs it.
     """
     cfg = ctx.config.listener
     header = check_received(encoded, calling_ae_title, expected_sop_class_uid, expected_sop_instance_uid)
     if isinstance(header, int):
         return header
     uid = header.sop_instance_uid
+    replace = cfg.duplicate_policy == "replace"
 
     rel = storage.relative_path(header.study_instance_uid, header.series_instance_uid, uid)
-    if cfg.duplicate_policy != "replace":
-        if instance_exists(ctx.sessions, uid):
-            if cfg.duplicate_policy == "reject":
-                log.warning("C-STORE %s from %s refused (0x%04X): duplicate SOP Instance UID "
-                            "(listener.duplicate_policy=reject)", uid, calling_ae_title, DUPLICATE_REJECTED)
-                return DUPLICATE_REJECTED
-            log.info("C-STORE %s from %s: duplicate, kept the stored copy", uid, calling_ae_title)
-            return SUCCESS
-
     try:
         storage.check_free_space(ctx.storage_dir, len(encoded), cfg.min_free_space_mb << 20)
         staged = storage.stage_file(ctx.storage_dir, rel, encoded, fsync=cfg.fsync,
-                                    sync_folder=cfg.power_loss_safe)
+                                    sync_folder=cfg.power_loss_safe, mode=ctx.file_mode)
     except OSError as exc:  # OutOfSpace included; ENOSPC while writing lands here too
+        if not replace and instance_exists(ctx.sessions, uid):  # a duplicate needs no space
+            return _duplicate(cfg.duplicate_policy, uid, calling_ae_title)
         log.error("C-STORE %s from %s refused (0x%04X): %s", uid, calling_ae_title, OUT_OF_RESOURCES, exc)
         return OUT_OF_RESOURCES
+
+    def publish() -> None:
+        if replace:
+            staged.publish(replace=True)
+            return
+        try:
+            staged.publish(replace=False)  # link(): never over a file another writer published
+        except FileExistsError:
+            # The row insert succeeded, so no committed row has this UID: the file in the way is one the
+            # index lost (a crash or power loss after its rename; start-up recovery re-indexes those).
+            log.warning("C-STORE %s from %s: an unindexed file had its name; replaced by the new copy",
+                        uid, calling_ae_title)
+            staged.publish(replace=True)
 
     # The fsynced file is renamed into place inside the index transaction, right before its commit: a
     # crash leaves no file, or (for the few microseconds of the commit) a file whose row is not yet
     # committed, never a row without its file.
     try:
         outcome = index_instance_cached(ctx.sessions, header, StoredFile(rel, len(encoded), calling_ae_title),
-                                        ctx.series_ids, before_commit=staged.publish)
+                                        ctx.series_ids, before_commit=publish, replace=replace)
     except OSError as exc:  # the rename into place failed; the transaction was rolled back
         log.error("C-STORE %s from %s refused (0x%04X): %s", uid, calling_ae_title, OUT_OF_RESOURCES, exc)
         return OUT_OF_RESOURCES
@@ -120,7 +137,22 @@ def store_instance(ctx: NodeContext, encoded: bytes, calling_ae_title: str = "",
         return INDEX_FAILED
     finally:
         staged.discard()
+    if outcome == "duplicate":
+        return _duplicate(cfg.duplicate_policy, uid, calling_ae_title)
+    if outcome == "replaced":
+        log.info("C-STORE %s from %s: duplicate, replaced the stored copy (listener.duplicate_policy=replace)",
+                 uid, calling_ae_title)
     log.debug("C-STORE %s from %s stored (%s, %d bytes)", uid, calling_ae_title, outcome, len(encoded))
+    return SUCCESS
+
+
+def _duplicate(policy: str, uid: str, calling_ae_title: str) -> int:
+    """The status for an already indexed SOP Instance UID under ``keep`` or ``reject`` (logged)."""
+    if policy == "reject":
+        log.warning("C-STORE %s from %s refused (0x%04X): duplicate SOP Instance UID "
+                    "(listener.duplicate_policy=reject)", uid, calling_ae_title, DUPLICATE_REJECTED)
+        return DUPLICATE_REJECTED
+    log.info("C-STORE %s from %s: duplicate, kept the stored copy", uid, calling_ae_title)
     return SUCCESS
 
 

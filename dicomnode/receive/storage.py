@@ -114,9 +114,16 @@ class StagedFile:
                 pass
 
 
+#: Default permissions of stored files (``listener.file_mode``): owner read/write, group read, so a
+#: worker or backup running as another user of the node's group can read them.
+DEFAULT_FILE_MODE = 0o640
+
+
 def stage_file(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, fsync: bool = True,
-               sync_folder: bool = True) -> StagedFile:
+               sync_folder: bool = True, mode: int = DEFAULT_FILE_MODE) -> StagedFile:
     """Write ``chunks`` to a temporary file in the folder of ``storage_dir/rel_path`` and fsync it.
+
+    The file gets permissions ``mode`` (mkstemp creates 0600; the umask does not apply to fchmod).
 
     ``sync_folder=False`` (the C-STORE path unless ``listener.power_loss_safe``) makes
     :meth:`StagedFile.publish` fsync a folder only when this call created it (and then its parents
@@ -136,6 +143,7 @@ def stage_file(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, fs
         chunks = [chunks]
     fd, tmp = tempfile.mkstemp(prefix=".incoming-", suffix=".part", dir=folder)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
@@ -152,15 +160,15 @@ def stage_file(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, fs
 
 
 def write_atomic(storage_dir: Path, rel_path: str, chunks: list[bytes] | bytes, fsync: bool = True,
-                 replace: bool = True, sync_folder: bool = True) -> Path:
+                 replace: bool = True, sync_folder: bool = True, mode: int = DEFAULT_FILE_MODE) -> Path:
     """Write ``chunks`` to ``storage_dir/rel_path`` atomically and durably; return the final path.
 
     The bytes go to a temporary file in the target folder, which is fsynced and renamed over the
     target, then the folder is fsynced: a reader sees the old file, the new file or none, never a
     torn one. With ``replace=False`` an existing target is left alone (and ``FileExistsError`` raised).
-    ``sync_folder``: see :func:`stage_file`.
+    ``sync_folder``, ``mode``: see :func:`stage_file`.
     """
-    staged = stage_file(storage_dir, rel_path, chunks, fsync=fsync, sync_folder=sync_folder)
+    staged = stage_file(storage_dir, rel_path, chunks, fsync=fsync, sync_folder=sync_folder, mode=mode)
     try:
         return staged.publish(replace=replace)
     finally:

@@ -15,8 +15,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    # Text columns are already sized by their VR's maximum (SH 16, LO 64, PN 324, CS 16, ...);
+    # dicomnode.db.index truncates a longer value, with a log line, the same on every database.
+    with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('protected', sa.Boolean(), server_default=sa.false(), nullable=False))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.drop_column('protected')

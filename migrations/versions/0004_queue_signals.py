@@ -15,8 +15,11 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    # When an association carrying instances of the series was released: the early completeness signal.
+    with op.batch_alter_table("series") as batch:
+        batch.add_column(sa.Column("released_at", sa.DateTime(), nullable=True))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("series") as batch:
+        batch.drop_column("released_at")

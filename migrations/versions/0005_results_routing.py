@@ -15,8 +15,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    with op.batch_alter_table('series', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('results_version', sa.Integer(), server_default='0', nullable=False))
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('payload', sa.Text(), server_default='', nullable=False))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('payload')
+    with op.batch_alter_table('series', schema=None) as batch_op:
+        batch_op.drop_column('results_version')

@@ -1,5 +1,6 @@
 """``dicomnode evaluate``: evaluate a model on labelled slices: n, error, accuracy and one-vs-rest AUC
-per class, the confusion matrix, the same per source; ``--figures`` writes the paper's figures.
+per class, the confusion matrix, the same per source and input kind, the five-class view; ``--figures``
+writes the paper's figures; ``--series`` evaluates labelled NIfTI volumes as whole DICOM series.
 
 Heavy imports (torch, sklearn, matplotlib) happen inside :func:`run` only.
 """
@@ -43,8 +44,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"dicomnode evaluate: {exc}", file=sys.stderr)
         return 2
     if not rows:
-        print("dicomnode evaluate: the labels files have no slice in the five classes", file=sys.stderr)
+        print("dicomnode evaluate: the labels files have no slice in the model's classes", file=sys.stderr)
         return 2
+    if args.series:
+        return run_series(model, rows, args)
     outputs = run_model(model, rows, batch_size=args.batch_size, progress=not args.json and sys.stderr.isatty())
     if not outputs.rows:
         print(f"dicomnode evaluate: none of the {len(rows)} slice(s) could be read", file=sys.stderr)
@@ -70,6 +73,29 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"dicomnode evaluate: {len(metrics['unreadable'])} slice(s) could not be read:", file=sys.stderr)
         for item in metrics["unreadable"][:20]:
             print(f"  {item['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_series(model, rows: list, args: argparse.Namespace) -> int:
+    """``--series``: the NIfTI volumes of ``rows`` as DICOM series through the node's pipeline."""
+    from trainer.series_eval import evaluate_series, format_series_summary
+
+    try:
+        result = evaluate_series(model, rows, limit=args.series_limit,
+                                 progress=not args.json and sys.stderr.isatty())
+    except ValueError as exc:
+        print(f"dicomnode evaluate: {exc}", file=sys.stderr)
+        return 2
+    result["model_version"] = model.version
+    result["split"] = args.split
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"model {model.version}  series evaluation ({args.split})")
+        print(format_series_summary(result))
+    if result["failed"]:
+        print(f"dicomnode evaluate: {len(result['failed'])} volume(s) could not be evaluated", file=sys.stderr)
         return 1
     return 0
 
@@ -127,7 +153,17 @@ def format_summary(metrics: dict) -> str:
         lines.append(f"  {c:<8}" + "".join(f"{v:>7}" for v in row))
     lines.append("per source:")
     for src, m in metrics["per_source"].items():
-        lines.append(f"  {src:<20} slices {m['n']:>6}  error {_f(m['error'])}  mean AUC {_f(m['mean_auc'])}")
+        lines.append(f"  {src:<20} slices {m['n']:>6}  patients {m.get('patients', '-'):>4}  error {_f(m['error'])}  "
+                     f"mean AUC {_f(m['mean_auc'])}")
+    if metrics.get("per_input_kind"):
+        lines.append("per input kind:")
+        for kind, m in metrics["per_input_kind"].items():
+            lines.append(f"  {kind:<20} slices {m['n']:>6}  patients {m.get('patients', '-'):>4}  "
+                         f"error {_f(m['error'])}  mean AUC {_f(m['mean_auc'])}")
+    five = metrics.get("five_class")
+    if five:
+        folded = ", ".join(f"{c} -> {'/'.join(t)}" for c, t in five["folded"].items())
+        lines.append(f"five-class view ({folded}): error {_f(five['error'])}  mean AUC {_f(five['mean_auc'])}")
     if metrics.get("figures"):
         lines.append("figures: " + ", ".join(metrics["figures"].values()))
     return "\n".join(lines)
@@ -143,6 +179,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "labels (rebuilt from the checkpoint; default labels: those it was trained on)")
     p.add_argument("--exclude-training-patients", action="store_true",
                    help="leave out slices of patients in the model's training split (rebuilt from the checkpoint)")
+    p.add_argument("--series", action="store_true",
+                   help="whole-series evaluation: each labelled NIfTI volume becomes a DICOM series run through "
+                        "the node's pipeline (ordering, preprocessing, ordered decoding); slice error and "
+                        "boundary error in mm (trainer.series_eval)")
+    p.add_argument("--series-limit", type=int, default=0, metavar="N",
+                   help="with --series: evaluate only the first N volumes (0: all)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--figures", metavar="DIR", help="write confusion, ROC, filters, t-SNE and TPS figures here")
     p.add_argument("--batch-size", type=int, default=64, help="slices per inference batch (default 64)")

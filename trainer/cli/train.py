@@ -26,7 +26,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         labels=args.labels, out=args.out, epochs=args.epochs, per_class=args.per_class, batch_size=args.batch_size,
         lr=args.lr, val_fraction=args.val_fraction, seed=args.seed, patience=args.patience,
         max_minutes=args.max_minutes,
-        augment=not args.no_augment, deterministic=args.deterministic, dry_run=args.dry_run,
+        augment=not args.no_augment, field_augment=not args.no_field_augment,
+        exclude_sources=list(args.exclude_source or []), deterministic=args.deterministic, dry_run=args.dry_run,
         dry_run_batches=args.dry_run_batches, device=args.device, threads=args.threads,
         skip_unreadable=args.skip_unreadable, resume=args.resume, progress=not args.no_progress,
         net_config=net_config, preprocess=preprocess)
@@ -60,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="ask torch for deterministic kernels")
     p.add_argument("--no-augment", action="store_true", help="no translation/rotation/TPS augmentation")
+    p.add_argument("--exclude-source", action="append", metavar="SOURCE",
+                   help="leave out the rows of a source (labels folder / subfolders, e.g. extra/nifti/ibsi_sts or "
+                        "volumes) entirely: for cross-source figures (train without it, test on it); repeatable")
+    p.add_argument("--no-field-augment", action="store_true",
+                   help="no field-of-view crops, left-right flips or 8-bit quantisation (trainer.augment.FieldParams)")
     p.add_argument("--dry-run", action="store_true", help="one epoch of a few batches (checks data and code)")
     p.add_argument("--dry-run-batches", type=int, default=3)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")

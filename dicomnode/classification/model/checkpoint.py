@@ -19,8 +19,35 @@ import torch
 from dicomnode.classification.imaging.preprocess import PreprocessParams
 from dicomnode.classification.model.net import ConvNet, build_net
 
-CLASSES: tuple[str, ...] = ("neck", "lungs", "liver", "pelvis", "legs")
-BODY_PARTS: dict[str, str] = {"neck": "NECK", "lungs": "LUNG", "liver": "LIVER", "pelvis": "PELVIS", "legs": "LEG"}
+#: Every region a model may name, top (head) to bottom; a model's classes are a subsequence of it, in this
+#: order (region decoding moves only down this chain). ``abdomen`` is the lower abdomen between liver and
+#: pelvis (kidneys, bowel); the shipped model has no abdomen class (too few labelled slices, see its card).
+ANATOMICAL_ORDER: tuple[str, ...] = ("head", "neck", "lungs", "liver", "abdomen", "pelvis", "legs")
+#: The classes of the shipped model and the trainer's default; the one place the class list is written.
+#: Everything that runs a model (pipeline, index, query/retrieve) takes the class list from the loaded
+#: checkpoint (``LoadedModel.classes``), so an older five-class checkpoint still works.
+CLASSES: tuple[str, ...] = ("head", "neck", "lungs", "liver", "pelvis", "legs")
+#: The five classes of Roth et al. (2015): the paper's comparison (see ``trainer.evaluate.FIVE_CLASS_VIEW``).
+FIVE_CLASSES: tuple[str, ...] = ("neck", "lungs", "liver", "pelvis", "legs")
+#: Body Part Examined (0018,0015) defined terms (DICOM PS3.16 Annex L) per region.
+BODY_PARTS: dict[str, str] = {"head": "HEAD", "neck": "NECK", "lungs": "LUNG", "liver": "LIVER",
+                              "abdomen": "ABDOMEN", "pelvis": "PELVIS", "legs": "LEG"}
+
+
+def check_class_order(classes: tuple[str, ...] | list[str], where: str = "model") -> tuple[str, ...]:
+    """``classes`` as a tuple when they are distinct regions of :data:`ANATOMICAL_ORDER` in that order.
+
+    Raises ``ValueError`` naming ``where`` otherwise (region decoding needs the anatomical order).
+    """
+    out = tuple(str(c) for c in classes)
+    unknown = [c for c in out if c not in ANATOMICAL_ORDER]
+    if unknown or not out:
+        raise ValueError(f"{where}: unknown class(es) {unknown or '(none)'}; known regions, top to bottom: "
+                         f"{', '.join(ANATOMICAL_ORDER)}")
+    idx = [ANATOMICAL_ORDER.index(c) for c in out]
+    if any(b <= a for a, b in zip(idx, idx[1:])):
+        raise ValueError(f"{where}: classes {out} are not in the anatomical order {ANATOMICAL_ORDER}")
+    return out
 
 CHECKPOINT_NAME = "model.pt"
 FORMAT = "dicomnode-convnet"
@@ -58,6 +85,24 @@ def checkpoint_path(path: str | Path | None) -> Path:
     if p.is_dir():
         p = p / CHECKPOINT_NAME
     return p
+
+
+#: Where ``dicomnode promote`` installs a model when ``model.path`` is empty (relative to ``data_dir``).
+PROMOTED_RELATIVE = Path("models") / CHECKPOINT_NAME
+
+
+def node_model_path(model_path: str | Path | None, data_dir: str | Path) -> Path:
+    """The checkpoint file a node uses: ``model.path`` when set; else the model ``promote`` installed in
+    ``<data_dir>/models/model.pt`` when there is one; else the shipped default.
+
+    The worker calls this before every job, so the first ``promote`` (which installs into
+    ``<data_dir>/models/`` and then writes that path into the YAML) reaches a running worker whose
+    in-memory config still has an empty ``model.path``.
+    """
+    if model_path is not None and str(model_path) != "":
+        return checkpoint_path(model_path)
+    promoted = Path(data_dir) / PROMOTED_RELATIVE
+    return promoted if promoted.is_file() else checkpoint_path(None)
 
 
 def save_checkpoint(path: str | Path, net: torch.nn.Module, net_config: dict[str, Any],
@@ -129,7 +174,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "aut
         net.load_state_dict(payload["state_dict"])
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ValueError(f"{p}: checkpoint does not rebuild: {exc}") from exc
-    classes = tuple(payload["classes"])
+    classes = check_class_order(payload["classes"], str(p))
     if net.config["num_classes"] != len(classes):
         raise ValueError(f"{p}: {len(classes)} classes but the net has {net.config['num_classes']} outputs")
     if net.config["in_channels"] != preprocess.channels or net.config["input_size"] != preprocess.size:
@@ -171,7 +216,7 @@ def make_untrained_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """A tiny randomly initialised model for tests where the weights do not matter."""
     torch.manual_seed(seed)
     preprocess = PreprocessParams(size=64, pixel_mm=6.4)
-    net_config = {"in_channels": preprocess.channels, "input_size": preprocess.size,
+    net_config = {"in_channels": preprocess.channels, "input_size": preprocess.size, "num_classes": len(CLASSES),
                   "widths": [4, 8, 8, 8, 8], "kernels": [3, 3, 3, 3, 3], "fc": [16]}
     net = build_net(net_config)
     return save_checkpoint(path, net, net_config, preprocess, f"{UNTRAINED_VERSION}-seed{seed}",

@@ -1,7 +1,7 @@
 """The ConvNet of Roth et al. (2015), with configurable widths, kernels, strides and input size.
 
 Five convolutional layers, each followed by (optional) batch normalisation, ReLU and max-pooling, then
-fully connected layers with ReLU and dropout, and a linear layer to the five class logits; softmax is
+fully connected layers with ReLU and dropout, and a linear layer to the class logits; softmax is
 applied by :func:`dicomnode.classification.model.predict_proba`. ``net_config`` is a plain dict (stored in checkpoints):
 
 =============  ===========================  ====================================================
@@ -9,7 +9,7 @@ key            default                      meaning
 =============  ===========================  ====================================================
 in_channels    3                            input channels (one per preprocessing window)
 input_size     128                          input height and width S
-num_classes    5                            output classes
+num_classes    6                            output classes (one per class of the checkpoint)
 widths         [16, 32, 64, 64, 128]        output channels of the conv layers
 kernels        [5, 3, 3, 3, 3]              conv kernel sizes ("same" padding)
 strides        [1, 1, 1, 1, 1]              conv strides
@@ -30,7 +30,7 @@ from torch import nn
 DEFAULT_NET_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "input_size": 128,
-    "num_classes": 5,
+    "num_classes": 6,
     "widths": [16, 32, 64, 64, 128],
     "kernels": [5, 3, 3, 3, 3],
     "strides": [1, 1, 1, 1, 1],
