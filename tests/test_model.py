@@ -140,3 +140,22 @@ def test_node_model_path_prefers_config_then_promoted_then_shipped(tmp_path):
     assert node_model_path(None, tmp_path) == promoted
     own = tmp_path / "own.pt"
     assert node_model_path(str(own), tmp_path) == own
+
+
+def test_the_inference_copy_gives_the_nets_probabilities():
+    """predict_proba runs a fused (BatchNorm folded), channels-last copy: same outputs as the trained net."""
+    import numpy as np
+    import torch
+
+    from dicomnode.classification.model import load_model, predict_proba
+
+    model = load_model(None, "cpu")
+    assert model.inference_net is not None
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.inference_net.modules())
+    x = np.random.default_rng(0).random((5, model.preprocess.channels, model.preprocess.size,
+                                         model.preprocess.size), dtype=np.float32)
+    with torch.inference_mode():
+        expected = torch.softmax(model.net(torch.from_numpy(x)), dim=1).numpy()
+    assert np.allclose(predict_proba(model, x), expected, atol=1e-5)
+    # the trained net itself is untouched (the trainer reads its layers)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.net.modules())

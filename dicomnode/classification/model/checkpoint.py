@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dicomnode.classification.imaging.preprocess import PreprocessParams
-from dicomnode.classification.model.net import ConvNet, build_net
+from dicomnode.classification.model.net import ConvNet, build_net, inference_copy
 
 #: Every region a model may name, top (head) to bottom; a model's classes are a subsequence of it, in this
 #: order (region decoding moves only down this chain). ``abdomen`` is the lower abdomen between liver and
@@ -68,6 +68,8 @@ class LoadedModel:
     net_config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: the fused, channels-last copy :func:`predict_proba` runs (None: it runs ``net``)
+    inference_net: torch.nn.Module | None = None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -184,7 +186,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "aut
     net.to(dev).eval()
     return LoadedModel(net=net, classes=classes, preprocess=preprocess, version=str(payload["version"]),
                        device=dev, net_config=dict(payload["net_config"]), extra=dict(payload.get("extra") or {}),
-                       path=p)
+                       path=p, inference_net=inference_copy(net).to(dev))
 
 
 def predict_proba(model: LoadedModel, batch: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
@@ -197,15 +199,18 @@ def predict_proba(model: LoadedModel, batch: np.ndarray | torch.Tensor, batch_si
         raise ValueError(f"predict_proba: expected (N, C, S, S), got shape {tuple(x.shape)}")
     out = []
     dev = model.device
+    net = model.inference_net if model.inference_net is not None else model.net
+    memory_format = torch.channels_last if model.inference_net is not None else torch.contiguous_format
     with torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
             chunk = x[i:i + batch_size].to(dev, dtype=torch.float32, non_blocking=True)
+            chunk = chunk.contiguous(memory_format=memory_format)
             if dev.type == "cuda":
                 dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
                 with torch.autocast("cuda", dtype=dtype):
-                    logits = model.net(chunk)
+                    logits = net(chunk)
             else:
-                logits = model.net(chunk)
+                logits = net(chunk)
             out.append(torch.softmax(logits.float(), dim=1).cpu())
     if not out:
         return np.zeros((0, len(model.classes)), dtype=np.float32)

@@ -120,3 +120,28 @@ class ConvNet(nn.Module):
 def build_net(net_config: dict[str, Any] | None = None) -> ConvNet:
     """A freshly initialised :class:`ConvNet` from ``net_config`` (defaults for missing keys)."""
     return ConvNet(net_config)
+
+
+def inference_copy(net: ConvNet) -> nn.Module:
+    """A copy of ``net`` for inference only (eval mode, no gradients): every BatchNorm folded into the
+    convolution before it, in channels-last memory format. The outputs equal ``net``'s (to float rounding,
+    ~1e-6); on the 2-core CPU this about doubles the slices per second (oneDNN's channels-last kernels,
+    one pass less over each feature map). ``net`` itself is untouched (the trainer reads its layers)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(net).eval()
+    layers, modules, i = [], list(fused.conv), 0
+    while i < len(modules):
+        if (isinstance(modules[i], nn.Conv2d) and i + 1 < len(modules)
+                and isinstance(modules[i + 1], nn.BatchNorm2d)):
+            layers.append(fuse_conv_bn_eval(modules[i], modules[i + 1]))
+            i += 2
+        else:
+            layers.append(modules[i])
+            i += 1
+    fused.conv = nn.Sequential(*layers)
+    for param in fused.parameters():
+        param.requires_grad_(False)
+    return fused.to(memory_format=torch.channels_last)
