@@ -56,10 +56,11 @@ def _plot_path(base: Path, i: int) -> Path:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from dicomnode.classification.plot import plot_profile
     from dicomnode.classification.pipeline import classify_paths, configure_torch, results_to_json
-    from dicomnode.classification.model import load_model
+    from dicomnode.classification.model import load_model, node_model_path
 
     try:
-        model = load_model(cfg.model.path or None, cfg.worker.device)
+        # the model the node would use: model.path, else the one `promote` installed, else the shipped one
+        model = load_model(node_model_path(cfg.model.path, cfg.resolved_data_dir), cfg.worker.device)
     except (FileNotFoundError, ValueError) as exc:
         print(f"dicomnode classify: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,10 @@ from dicomnode.db.index import counts
 from dicomnode.db.models import Instance, Job, Patient, RegionRange, Series, SliceResult, Study
 from dicomnode.http.collectors import JOB_STATES
 
+#: the classes with a probability column in slice_results (p_head, p_neck, ...; NULL where the model that
+#: classified the slice has no such class), read from the model without importing torch
+PROBABILITY_CLASSES = tuple(c.name[2:] for c in SliceResult.__table__.columns if c.name.startswith("p_"))
+
 
 class NotFound(LookupError):
     """The request names something the index does not hold (the message says what)."""
@@ -106,8 +110,8 @@ def series_detail(s: Session, series_uid: str) -> dict[str, Any]:
                              .order_by(RegionRange.ordinal))],
         "slices": [{
             "position": r.position, "sop_instance_uid": uid, "instance_number": number, "z_mm": r.z_mm,
-            "probabilities": {"neck": r.p_neck, "lungs": r.p_lungs, "liver": r.p_liver, "pelvis": r.p_pelvis,
-                              "legs": r.p_legs},
+            "probabilities": {c: getattr(r, f"p_{c}") for c in PROBABILITY_CLASSES
+                              if getattr(r, f"p_{c}") is not None},
             "predicted": r.predicted, "body_parts": [p for p in r.body_parts.split("\\") if p],
         } for r, uid, number in s.execute(
             select(SliceResult, Instance.sop_instance_uid, Instance.instance_number)
