@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import RetentionConfig
 from dicomnode.db.models import Instance, Job, Patient, Series, Study, utcnow
 from dicomnode.receive.recovery import DELETING_PREFIX
-from dicomnode.receive.storage import validate_uid
+from dicomnode.receive.storage import fsync_dir, validate_uid
 
 log = logging.getLogger("dicomnode.receive.retention")
 
@@ -76,14 +76,6 @@ def recyclable(session: Session, study_id: int) -> bool:
         select(_unfinished_series(study_id) | _active_jobs(study_id)))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def delete_study(sessions: sessionmaker[Session], storage_dir: Path, study_uid: str, reason: str,
                  force: bool = False) -> StudyUsage:
     """Delete the study's files and rows; one log line (UIDs only). Refuses (:class:`StudyNotDeletable`)
@@ -101,7 +93,7 @@ def delete_study(sessions: sessionmaker[Session], storage_dir: Path, study_uid: 
     doomed = storage_dir / f"{DELETING_PREFIX}{study_uid}"
     if folder.exists():
         os.replace(folder, doomed)
-        _fsync_dir(storage_dir)
+        fsync_dir(storage_dir)
     try:
         with sessions.begin() as session:
             patient_fk = session.scalar(select(Study.patient_fk).where(Study.id == study_id))

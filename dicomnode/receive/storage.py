@@ -65,7 +65,8 @@ def check_free_space(storage_dir: Path, needed: int, floor_bytes: int) -> None:
         )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder (its entries: a rename, link or unlink in it is durable once this returns)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,10 +100,10 @@ class StagedFile:
         self.published = True
         if self.fsync and (self.sync_folder or self.created):
             folder = self.target.parent
-            _fsync_dir(folder)
+            fsync_dir(folder)
             if self.created:
-                _fsync_dir(folder.parent)
-                _fsync_dir(folder.parent.parent)
+                fsync_dir(folder.parent)
+                fsync_dir(folder.parent.parent)
         return self.target
 
     def discard(self) -> None:
