@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine for the test suite and run it:
-#   apt: dcmtk (real DIMSE peers), orthanc (the PACS), postgresql (the scale-out database)
+#   apt: dcmtk (real DIMSE peers), orthanc (the PACS), postgresql (the scale-out database),
+#        libgdcm-tools and odil (more independent peers), dicom3tools (dciodvfy checks the SR/KOS),
+#        chromium (the status page in a real browser)
 #   pip: the CPU build of torch on disk, then the package with its test extras (editable)
 #   a throwaway PostgreSQL cluster on a free loopback port, stopped again on exit
 # Arguments are passed to pytest.
@@ -11,6 +13,10 @@ need_apt=()
 [ -x /usr/bin/storescp ] || need_apt+=(dcmtk)
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
+[ -x /usr/bin/dciodvfy ] || need_apt+=(dicom3tools)
+command -v gdcmscu >/dev/null 2>&1 || need_apt+=(libgdcm-tools)
+command -v odil >/dev/null 2>&1 || need_apt+=(odil)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive
