@@ -41,6 +41,17 @@ def dcmtk(name: str) -> str:
     return str(path)
 
 
+def wait_for(condition, what: str = "condition", timeout: float = 90.0, interval: float = 0.1):
+    """Poll ``condition`` until it returns a true value (which is returned); the deadline only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
 def wait_for_echo(port: int, timeout: float = 60.0, called: str = "DICOMNODE", host: str = "127.0.0.1") -> None:
     """Wait until a C-ECHO to ``called`` at host:port succeeds (a node started as a process is ready)."""
     from pynetdicom import AE

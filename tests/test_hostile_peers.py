@@ -14,7 +14,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -23,7 +22,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import CT_FIXTURES, free_port, stop_node, wait_for_echo
+from conftest import CT_FIXTURES, free_port, stop_node, wait_for, wait_for_echo
 from dicomnode.receive.listener import start_listener
 
 SLICES = CT_FIXTURES / "slices"
@@ -33,17 +32,6 @@ MAX = 64 << 20  # the largest listener.max_pdu_bytes allowed
 
 
 # Helpers ----------------------------------------------------------------------------------------
-
-def wait_until(condition, timeout: float = 90.0, what: str = "condition"):
-    """Poll ``condition`` until it returns a true value; the deadline only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout} s")
-
 
 def children(pid: int) -> list[int]:
     """PIDs whose parent is ``pid`` (from /proc)."""
@@ -123,7 +111,7 @@ def serving(tmp_path: Path, *settings: str, processes: int = 1):
 
 def test_pdu_headers_claiming_4_gb_are_aborted_without_allocating(tmp_path):
     with serving(tmp_path, f"max_pdu_bytes: {MAX}") as (proc, port, log_path):
-        (listener,) = wait_until(lambda: listener_pids(proc.pid), what="the listener process")
+        (listener,) = wait_for(lambda: listener_pids(proc.pid), what="the listener process")
         before = rss_bytes(listener)
         replies = []
         for pdu_type in [0x01] * 10 + [0x04] * 10:  # A-ASSOCIATE-RQ and P-DATA-TF headers claiming ~4 GB
@@ -172,7 +160,7 @@ def test_advertised_maximum_pdu_length_is_finite_and_enforced(node_config, index
         # A P-DATA-TF one byte over the limit: the node aborts the association.
         raw = assoc.dul.socket.socket
         raw.sendall(struct.pack(">BBL", 0x04, 0, 16385) + b"\x00" * 16385)
-        wait_until(lambda: not assoc.is_alive(), what="the association's end")
+        wait_for(lambda: not assoc.is_alive(), what="the association's end")
         assert not assoc.is_established
     finally:
         server.shutdown()
@@ -194,7 +182,7 @@ def test_stalled_pdu_body_is_closed_after_the_network_timeout(node_config, index
         assert assoc.is_established
         with caplog.at_level(logging.WARNING, logger="dicomnode"):
             assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 5000) + b"\x00" * 10)
-            wait_until(lambda: not assoc.is_alive(), what="the node closing the stalled association")
+            wait_for(lambda: not assoc.is_alive(), what="the node closing the stalled association")
         assert "only 10 of 5000 bytes of a PDU arrived" in caplog.text
     finally:
         server.shutdown()

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from conftest import SHARED_DATA, dcmtk, free_port, stop_node, wait_for_echo
+from conftest import SHARED_DATA, dcmtk, free_port, stop_node, wait_for, wait_for_echo
 from dicomnode.classification.model import checkpoint_path
 
 SERIES = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # neck -> lungs -> liver, 30 slices
@@ -59,17 +58,6 @@ def scrape(base: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             samples[f"{s.name}{{{labels}}}"] = s.value
     return samples
-
-
-def wait_for(condition, what: str, timeout: float = 240.0):
-    """Poll ``condition`` until it returns a true value (which is returned); the deadline only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise TimeoutError(f"{what} not reached within {timeout} s")
 
 
 def chromium(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess:
@@ -125,7 +113,7 @@ http:
     try:
         wait_for_echo(port)
         base = f"http://127.0.0.1:{http_port}"
-        wait_for(lambda: _healthy(base), "the HTTP server answering", 60)
+        wait_for(lambda: _healthy(base), "the HTTP server answering", 60, 0.3)
         yield port, base, tmp_path
     finally:
         assert stop_node(proc) == 0
@@ -155,7 +143,7 @@ def test_page_metrics_and_api_after_a_real_series(node):
 
     # Classified by the real worker: the job's metrics, the queue gauge and the latency histogram.
     done = wait_for(lambda: (lambda m: m if m.get('dicomnode_jobs_finished_total{kind="classify",outcome="done"}')
-                             else None)(scrape(base)), "the classification job's metrics")
+                             else None)(scrape(base)), "the classification job's metrics", 240.0, 0.3)
     assert done['dicomnode_jobs_finished_total{kind="classify",outcome="done"}'] == 1
     assert done['dicomnode_queue_jobs{kind="classify",state="done"}'] == 1
     assert done['dicomnode_queue_jobs{kind="classify",state="queued"}'] == 0
@@ -201,7 +189,7 @@ def test_page_metrics_and_api_after_a_real_series(node):
     assert not associate(port, "PROBE", called="SOMEONEELSE")
     # (pynetdicom signals its own rejection after sending it: wait for the count rather than race it)
     key = 'dicomnode_associations_total{outcome="rejected",reason="called_ae_title_not_recognised"}'
-    refused = wait_for(lambda: (lambda m: m if key in m else None)(scrape(base)), "the rejection's count", 60)
+    refused = wait_for(lambda: (lambda m: m if key in m else None)(scrape(base)), "the rejection's count", 60, 0.3)
     assert refused[key] == 1
     assert refused['dicomnode_associations_total{outcome="rejected",reason="calling_ae_title_not_allowed"}'] == 1
     events = json.loads(get(f"{base}/api/events")[1])["events"]

@@ -18,7 +18,7 @@ import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 
-from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, stop_node, wait_for_echo
+from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, stop_node, wait_for, wait_for_echo
 from dicomnode.queue import jobs, worker
 from dicomnode.config import load_config
 from dicomnode.db.models import Instance, Job, RegionRange, Series, SliceResult, utcnow
@@ -93,17 +93,6 @@ def expire_leases(sessions) -> None:
     """Let every running job's lease run out now, by the database's clock (no sleeping on it)."""
     with sessions.begin() as s:
         s.execute(update(Job).where(Job.state == "running").values(lease_expires_at=db_utcnow(-1)))
-
-
-def wait_for(predicate, what: str, timeout: float = 90.0, interval: float = 0.1):
-    """Poll ``predicate`` until it returns something true; the deadline only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def block_one_file(sessions, storage_dir):
