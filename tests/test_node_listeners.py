@@ -8,23 +8,24 @@ import signal
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from test_hostile_peers import alive, listener_pids, serving, wait_until
+from conftest import wait_for
+from test_hostile_peers import alive, listener_pids, serving
 
 
 def test_listeners_exit_when_the_main_process_is_killed(tmp_path):
     with serving(tmp_path, processes=2) as (proc, port, log_path):
-        listeners = wait_until(lambda: (pids := listener_pids(proc.pid)) and len(pids) == 2 and pids,
+        listeners = wait_for(lambda: (pids := listener_pids(proc.pid)) and len(pids) == 2 and pids,
                                what="two listener processes")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(60)
         # PR_SET_PDEATHSIG (or the ppid watch) stops them; the deadline only bounds a hang.
-        wait_until(lambda: not any(alive(pid) for pid in listeners), timeout=120,
+        wait_for(lambda: not any(alive(pid) for pid in listeners), timeout=120,
                    what="the listener processes' exit")
 
 
 def test_max_associations_holds_for_the_node_not_per_process(tmp_path):
     with serving(tmp_path, "max_associations: 16", processes=4) as (proc, port, log_path):
-        wait_until(lambda: len(listener_pids(proc.pid)) == 4, what="four listener processes")
+        wait_for(lambda: len(listener_pids(proc.pid)) == 4, what="four listener processes")
         ae = AE(ae_title="SCU")
         ae.add_requested_context(Verification)
         held = []
@@ -36,7 +37,7 @@ def test_max_associations_holds_for_the_node_not_per_process(tmp_path):
             assert seventeenth.is_rejected
             # A slot freed is a slot available again (counted when the association ends).
             held.pop().release()
-            again = wait_until(lambda: (a := ae.associate("127.0.0.1", port, ae_title="DICOMNODE")).is_established
+            again = wait_for(lambda: (a := ae.associate("127.0.0.1", port, ae_title="DICOMNODE")).is_established
                                and a, what="an association after one was released")
             held.append(again)
         finally:
