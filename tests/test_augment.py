@@ -142,7 +142,7 @@ def body_hu() -> torch.Tensor:
     from dicomnode.classification.imaging.preprocess import PreprocessParams, resample_hu
 
     hu, spacing = read_hu(CT_FIXTURES / "slices" / "pydicom_ct_small.dcm")
-    return resample_hu(np.asarray(hu, dtype=np.float32), spacing, PreprocessParams())
+    return torch.from_numpy(resample_hu(np.asarray(hu, dtype=np.float32), spacing, PreprocessParams()))
 
 
 def test_fov_crop_keeps_part_of_the_body_recentred_and_air_elsewhere(body_hu):

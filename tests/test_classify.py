@@ -173,3 +173,73 @@ def test_shipped_model_turns_a_real_chest_series_into_ordered_ranges():
     assert sum(agree) >= 27, f"only {sum(agree)}/30 slices agree with labels.csv: {names}"
     lungs = next(r for r in series["regions"] if r["region"] == "lungs")
     assert lungs["first_position"] <= 2 and lungs["n_slices"] >= 15
+
+
+SCAN_IN_READER_PROCESSES = r"""
+import json, shutil, sys
+from pathlib import Path
+
+from dicomnode.classification.imaging.series import iter_files
+from dicomnode.classification.model import read_preprocess
+from dicomnode.classification.pipeline import FileScan
+
+model_path, folder = sys.argv[1], sys.argv[2]
+params = read_preprocess(model_path)
+files = list(iter_files([folder]))
+scan = FileScan(files, params, batch_size=3, readers=2)  # forks its readers: torch is not imported yet
+report = {"processes": scan.processes, "torch_before": "torch" in sys.modules}
+
+import numpy as np
+from dicomnode.classification.imaging.series import group_series, plan_series
+from dicomnode.classification.model import load_model
+from dicomnode.classification.pipeline import classify_plan
+
+model = load_model(model_path, "cpu")
+scanned = scan.collect(model)
+groups, _ = group_series([folder])
+plan = plan_series(groups[sys.argv[3]], 1)
+whole = classify_plan(plan, model, batch_size=4)  # the ordered series, read again in threads
+report["known"] = sorted(scanned.probabilities)
+report["max_diff"] = max(float(np.abs(scanned.probabilities[s.sop_instance_uid]
+                                      - np.array([s.probabilities[c] for c in model.classes])).max())
+                         for s in whole.slices)
+report["problems"] = [h for _, h in scanned.headers if isinstance(h, str)]
+print(json.dumps(report))
+"""
+
+
+def test_file_scan_reads_in_processes_before_torch_and_gives_the_series_probabilities(checkpoint, tmp_path):
+    """``dicomnode classify``'s one pass: reader processes forked before torch is imported decode and
+    preprocess (no torch in them), and the probabilities equal those of the ordered series; a file that
+    is not DICOM is a problem line, a second copy of a slice is not classified twice."""
+    folder = tmp_path / "in"
+    shutil.copytree(J2K_SERIES, folder)
+    (folder / "notes.txt").write_text("not DICOM")
+    first = sorted(folder.glob("*.dcm"))[0]
+    shutil.copy(first, folder / "zz-copy.dcm")
+    uid = "1.3.6.1.4.1.14519.5.2.1.6655.2359.213534032021332276911485641315"
+    out = subprocess.run([sys.executable, "-c", SCAN_IN_READER_PROCESSES, str(checkpoint), str(folder), uid],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["processes"] is True and report["torch_before"] is False
+    assert len(report["known"]) == 10  # every slice once (the copy shares its SOP Instance UID)
+    assert report["max_diff"] < 1e-5
+    assert len(report["problems"]) == 1 and "notes.txt" in report["problems"][0]
+
+
+def test_a_scan_made_for_other_preprocessing_reads_again_for_the_model(checkpoint):
+    """A scan started with preprocessing that is not the model's (a checkpoint read wrongly) is redone."""
+    from dicomnode.classification.imaging.preprocess import PreprocessParams
+    from dicomnode.classification.imaging.series import iter_files
+    from dicomnode.classification.pipeline import FileScan
+
+    model = load_model(checkpoint, "cpu")
+    files = list(iter_files([J2K_SERIES]))
+    wrong = FileScan(files, PreprocessParams(size=32, pixel_mm=12.0), batch_size=4)
+    right = FileScan(files, model.preprocess, batch_size=4)
+    assert not wrong.processes  # torch is imported in this process: threads
+    a, b = wrong.collect(model), right.collect(model)
+    assert sorted(a.probabilities) == sorted(b.probabilities) and len(a.probabilities) == 10
+    for uid, p in a.probabilities.items():
+        np.testing.assert_allclose(p, b.probabilities[uid], atol=1e-6)

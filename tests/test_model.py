@@ -101,7 +101,9 @@ def test_bad_checkpoints_are_named(tmp_path):
 
 
 def test_no_default_model_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    import dicomnode.classification.model.files as model_files
+
+    monkeypatch.setattr(model_files, "DEFAULT_MODEL_DIR", tmp_path / "default")
     with pytest.raises(FileNotFoundError, match="no default model is shipped"):
         load_model(None)
 
@@ -159,3 +161,27 @@ def test_the_inference_copy_gives_the_nets_probabilities():
     assert np.allclose(predict_proba(model, x), expected, atol=1e-5)
     # the trained net itself is untouched (the trainer reads its layers)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.net.modules())
+
+
+def test_read_preprocess_takes_the_checkpoints_preprocessing_without_running_its_pickle(tmp_path):
+    """The reader processes of ``dicomnode classify`` get the preprocessing before torch is imported."""
+    import pickle
+    import zipfile
+
+    from dicomnode.classification.model import read_preprocess
+
+    path = ckpt.make_untrained_checkpoint(tmp_path / "m.pt")
+    assert read_preprocess(path) == load_model(path, "cpu").preprocess == PreprocessParams(size=64, pixel_mm=6.4)
+    assert read_preprocess(None) == load_model(None, "cpu").preprocess  # the shipped model
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    assert read_preprocess(tmp_path / "junk.pt") is None  # load_model then says what is wrong
+    assert read_preprocess(tmp_path / "missing.pt") is None
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil = tmp_path / "evil.pt"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"preprocess": Boom()}))
+    assert read_preprocess(evil) is None  # builtins.print is not an allowed class: nothing is executed

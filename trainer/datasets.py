@@ -417,8 +417,6 @@ def load_resampled(rows: Sequence[LabelRow], params, progress: bool = False) -> 
     Returns the array and a list of problems (rows that could not be read keep an all-air slice; the
     caller must refuse to train when the list is not empty).
     """
-    import torch
-
     from dicomnode.classification.imaging.preprocess import resample_hu
 
     out = np.full((len(rows), params.size, params.size), int(params.pad_hu), dtype=np.int16)
@@ -430,13 +428,12 @@ def load_resampled(rows: Sequence[LabelRow], params, progress: bool = False) -> 
         from tqdm import tqdm
 
         it = tqdm(order, desc="reading slices", unit="slice", leave=False)
-    with torch.no_grad():
-        for i in it:
-            try:
-                hu, spacing = load_image(rows[i], cache)
-                out[i] = resample_hu(hu, spacing, params).round().clamp(-32768, 32767).to(torch.int16).numpy()
-            except ValueError as exc:
-                problems.append(str(exc))
+    for i in it:
+        try:
+            hu, spacing = load_image(rows[i], cache)
+            out[i] = np.clip(np.rint(resample_hu(hu, spacing, params)), -32768, 32767).astype(np.int16)
+        except ValueError as exc:
+            problems.append(str(exc))
     return out, problems
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 
 from dicomnode.classification.imaging.pixels import dataset_to_hu, pixel_spacing_mm
-from dicomnode.classification.imaging.series import SeriesError, SeriesPlan, SliceHeader, group_series, plan_series
+from dicomnode.classification.imaging.series import SeriesError, SeriesPlan, SliceHeader, plan_series
 from dicomnode.classification.regions import DecodeParams, decode_regions
 
 log = logging.getLogger("dicomnode.classification.pipeline")
@@ -292,11 +292,14 @@ def classify_files(paths: list[Path], model, cancel: threading.Event | None = No
 def classify_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 2, prefetch: int = 2,
                   keep_coronal: bool = False, cancel: threading.Event | None = None,
                   decode: DecodeParams | None = None, timings: StageTimings | None = None,
-                  known: dict[str, np.ndarray] | None = None) -> SeriesClassification:
+                  known: dict[str, np.ndarray] | None = None,
+                  known_coronal: dict[str, np.ndarray] | None = None) -> SeriesClassification:
     """Classify an in-scope plan: per-slice probabilities, decoded regions and ranges.
 
     ``known``: probabilities already computed per SOP Instance UID (single-frame slices classified as
-    they arrived, :func:`classify_files`); only the other slices are read and inferred here.
+    they arrived, :func:`classify_files`, or read in the one pass of :func:`scan_files`); only the other
+    slices are read and inferred here. With ``keep_coronal``, ``known_coronal`` holds their coronal lines
+    (a known slice without one is read again).
     """
     from dicomnode.classification.model import BODY_PARTS
 
@@ -308,16 +311,25 @@ def classify_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 
     result = SeriesClassification(plan.series_instance_uid, "classified", model_version=model.version,
                                   n_slices=len(plan.slices), order_source=plan.order_source, notes=list(plan.notes),
                                   timings=timings)
-    if known and not keep_coronal:
+    if known:
         probs = np.zeros((len(plan.slices), len(model.classes)), dtype=np.float32)
-        missing = [i for i, h in enumerate(plan.slices) if h.frame is not None or h.sop_instance_uid not in known]
+        coronal = np.zeros((len(plan.slices), CORONAL_WIDTH), dtype=np.float32) if keep_coronal else None
+        lines = known_coronal or {}
+        missing = []
         for i, h in enumerate(plan.slices):
-            if h.frame is None and h.sop_instance_uid in known:
-                probs[i] = known[h.sop_instance_uid]
+            uid = h.sop_instance_uid
+            if h.frame is None and uid in known and (coronal is None or uid in lines):
+                probs[i] = known[uid]
+                if coronal is not None:
+                    coronal[i] = lines[uid]
+            else:
+                missing.append(i)
         if missing:
             rest = SeriesPlan(plan.series_instance_uid, [plan.slices[i] for i in missing])
-            probs[missing], _ = infer_plan(rest, model, batch_size, readers, prefetch, False, cancel, timings)
-        coronal = None
+            probs[missing], rest_coronal = infer_plan(rest, model, batch_size, readers, prefetch, keep_coronal,
+                                                      cancel, timings)
+            if coronal is not None:
+                coronal[missing] = rest_coronal
     else:
         probs, coronal = infer_plan(plan, model, batch_size, readers, prefetch, keep_coronal, cancel, timings)
     t1 = time.perf_counter()
@@ -343,20 +355,198 @@ def classify_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 
     return result
 
 
+@dataclass
+class ScannedFiles:
+    """What one pass over the files gave (:func:`scan_files`)."""
+
+    #: per file, in file order: its headers, or the reason it could not be read
+    headers: list[tuple[Path, list[SliceHeader] | str]] = field(default_factory=list)
+    #: probabilities per SOP Instance UID (the first copy of each), in the model's class order
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+    #: coronal line per SOP Instance UID, when asked for
+    coronal: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: StageTimings = field(default_factory=StageTimings)
+
+
+#: Resampled slices that a file scan keeps in flight (read ahead of inference), at most.
+SCAN_LOOKAHEAD_BYTES = 64 << 20
+
+
+def _scan_chunk(paths: list[Path], params, keep_coronal: bool):
+    """Read each file of a chunk once (in a reader process or thread): its headers, and for a single-frame
+    slice that is in scope on its own, its resampled HU (S, S) and coronal line. Never imports torch."""
+    from dicomnode.classification.imaging.preprocess import resample_hu
+    from dicomnode.classification.imaging.series import headers_from_dataset, read_headers, scope_reason
+
+    t_read = t_prep = 0.0
+    headers: list[list[SliceHeader] | str] = []
+    decoded: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+    for path in paths:
+        t0 = time.perf_counter()
+        try:
+            ds = pydicom.dcmread(str(path))
+            hs = headers_from_dataset(ds, path)
+        except Exception:  # perhaps only its pixel data is broken: read the header alone, as group_series does
+            ds = None
+            try:
+                hs = read_headers(path)
+            except ValueError as exc:
+                hs = str(exc)
+        headers.append(hs)
+        if ds is None or isinstance(hs, str) or len(hs) != 1 or hs[0].frame is not None or scope_reason(hs, 1):
+            t_read += time.perf_counter() - t0
+            continue  # multi-frame, out of scope or unreadable: the series job deals with it
+        try:
+            hu = dataset_to_hu(ds, None)
+        except ValueError as exc:  # the series job reads it again and fails with this reason
+            log.debug("%s not classified in the first pass: %s", path, exc)
+            t_read += time.perf_counter() - t0
+            continue
+        t1 = time.perf_counter()
+        decoded.append((hs[0].sop_instance_uid, resample_hu(hu, hs[0].spacing_mm, params),
+                        _coronal_line(hu) if keep_coronal else None))
+        t_read += t1 - t0
+        t_prep += time.perf_counter() - t1
+    return headers, decoded, t_read, t_prep
+
+
+class FileScan:
+    """One pass over files that reads each of them once: the headers to group, scope and order the series
+    by, and the probabilities of every single-frame slice that is in scope on its own (CT image, axial, no
+    localizer, not tiny), decoded, preprocessed and inferred from the same read.
+
+    Reading starts when the scan is made: in ``readers`` processes when torch is not imported yet (they
+    fork before it; ``dicomnode classify`` makes the scan first and imports torch while they read), in
+    threads otherwise. Only chunks in flight are held (at most :data:`SCAN_LOOKAHEAD_BYTES` of resampled
+    slices). The probability of a slice does not depend on its neighbours, so they equal those of
+    :func:`infer_plan` on the ordered series; a slice left out here (multi-frame, out of scope, pixels
+    that do not decode) is met again by :func:`classify_plan`, which reads it or reports why it cannot.
+    """
+
+    def __init__(self, paths: list[Path], params, batch_size: int = 32, readers: int = 2,
+                 keep_coronal: bool = False) -> None:
+        import sys
+
+        self.paths = list(paths)
+        self.params = params
+        self.keep_coronal = keep_coronal
+        size = self.batch_size = max(1, int(batch_size))
+        self._chunks = deque(self.paths[i:i + size] for i in range(0, len(self.paths), size))
+        self._readers = max(1, int(readers))
+        chunk_bytes = size * params.size * params.size * 4
+        self._lookahead = max(2 * self._readers, SCAN_LOOKAHEAD_BYTES // chunk_bytes)
+        self._in_flight: deque[tuple[list[Path], Future]] = deque()
+        self.processes = "torch" not in sys.modules and hasattr(os, "fork") and len(self._chunks) > 1
+        self._pool = self._make_pool(self.processes)
+        self._fill()
+
+    def _make_pool(self, processes: bool):
+        if processes:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            return ProcessPoolExecutor(self._readers, mp_context=multiprocessing.get_context("fork"))
+        return ThreadPoolExecutor(self._readers, thread_name_prefix="dicomnode-scan")
+
+    def _fill(self) -> None:
+        while self._chunks and len(self._in_flight) < self._lookahead:
+            chunk = self._chunks.popleft()
+            self._in_flight.append((chunk, self._pool.submit(_scan_chunk, chunk, self.params, self.keep_coronal)))
+
+    def _to_threads(self, reason: BaseException) -> None:
+        """A reader process died: read what is left (the chunks in flight again) in threads."""
+        log.warning("reader process failed (%s: %s); reading on in threads", type(reason).__name__, reason)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._chunks.extendleft(reversed([chunk for chunk, _ in self._in_flight]))
+        self._in_flight.clear()
+        self.processes = False
+        self._pool = self._make_pool(False)
+        self._fill()
+
+    def collect(self, model, cancel: threading.Event | None = None) -> ScannedFiles:
+        """Infer every chunk as it arrives (in this thread); returns what the pass found."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from dicomnode.classification.imaging.preprocess import windows_to_channels
+        from dicomnode.classification.model import predict_proba
+
+        if model.preprocess != self.params:  # read for another model: read again for this one
+            self.close()
+            self.__init__(self.paths, model.preprocess, self.batch_size, self._readers, self.keep_coronal)
+        out = ScannedFiles()
+        t_start = time.perf_counter()
+        seen: set[str] = set()
+        try:
+            while self._in_flight:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("classification cancelled")
+                chunk, fut = self._in_flight[0]
+                t0 = time.perf_counter()
+                try:
+                    headers, decoded, t_read, t_prep = fut.result()
+                except BrokenProcessPool as exc:
+                    self._to_threads(exc)
+                    continue
+                self._in_flight.popleft()
+                self._fill()
+                t1 = time.perf_counter()
+                if decoded:
+                    probs = predict_proba(model, windows_to_channels(np.stack([r for _, r, _ in decoded]), self.params))
+                else:
+                    probs = []
+                t2 = time.perf_counter()
+                out.timings.wait_s += t1 - t0
+                out.timings.infer_s += t2 - t1
+                out.timings.read_decode_s += t_read
+                out.timings.preprocess_s += t_prep
+                out.headers += list(zip(chunk, headers))
+                firsts = set()
+                for hs in headers:  # the first copy of a SOP instance is the one grouped (group_headers)
+                    for h in ([] if isinstance(hs, str) else hs):
+                        if h.sop_instance_uid not in seen:
+                            seen.add(h.sop_instance_uid)
+                            firsts.add(h.sop_instance_uid)
+                for (uid, _, line), p in zip(decoded, probs):
+                    if uid in firsts and uid not in out.probabilities:
+                        out.probabilities[uid] = p
+                        if line is not None:
+                            out.coronal[uid] = line
+        finally:
+            self.close()
+        out.timings.total_s = time.perf_counter() - t_start
+        return out
+
+    def close(self) -> None:
+        """Stop reading (pending chunks are dropped)."""
+        self._chunks.clear()
+        for _, fut in self._in_flight:
+            fut.cancel()
+        self._in_flight.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def classify_paths(paths: Iterable[str | os.PathLike[str]], model, min_slices: int = 1, batch_size: int = 32,
-                   readers: int = 2, keep_coronal: bool = False,
-                   decode: DecodeParams | None = None) -> tuple[list[SeriesClassification], list[str]]:
+                   readers: int = 2, keep_coronal: bool = False, decode: DecodeParams | None = None,
+                   scan: FileScan | None = None) -> tuple[list[SeriesClassification], list[str]]:
     """Classify every series found under ``paths`` (files or folders); returns (results, file problems).
 
-    A series out of scope comes back ``skipped`` with its reason; one that fails (inconsistent geometry,
-    undecodable slice) comes back ``failed`` with the error; neither stops the others.
+    Each file is read once (a :class:`FileScan`: headers and probabilities from one read; ``scan`` is one
+    already started on ``paths``' files, as ``dicomnode classify`` starts it before loading the model);
+    then each series is scoped, ordered and its regions decoded. A series out of scope comes back
+    ``skipped`` with its reason; one that fails (inconsistent geometry, undecodable slice) comes back
+    ``failed`` with the error; neither stops the others.
     """
-    t0 = time.perf_counter()
-    groups, problems = group_series(paths)
-    t_headers = (time.perf_counter() - t0) / max(1, len(groups))
+    from dicomnode.classification.imaging.series import group_headers, iter_files
+
+    if scan is None:
+        scan = FileScan(list(iter_files(paths)), model.preprocess, batch_size, readers, keep_coronal)
+    scanned = scan.collect(model)
+    groups, problems = group_headers(scanned.headers)
+    n_files = max(1, sum(len(h) for h in groups.values()))
     results = []
     for uid, headers in groups.items():
-        timings = StageTimings(headers_s=t_headers)
+        share = len(headers) / n_files  # the one pass, shared out among the series by their slices
+        timings = StageTimings(**{k: v * share for k, v in scanned.timings.__dict__.items()})
         try:
             plan = plan_series(headers, min_slices)
             if not plan.in_scope:
@@ -365,7 +555,7 @@ def classify_paths(paths: Iterable[str | os.PathLike[str]], model, min_slices: i
                                                     len(headers), timings=timings))
                 continue
             result = classify_plan(plan, model, batch_size, readers, keep_coronal=keep_coronal, decode=decode,
-                                   timings=timings)
+                                   timings=timings, known=scanned.probabilities, known_coronal=scanned.coronal)
             log.info("series %s: %d slices, regions %s (%.2f s)", uid, result.n_slices,
                      " ".join(f"{r.region}[{r.first_position}-{r.last_position}]" for r in result.regions) or "-",
                      timings.total_s)

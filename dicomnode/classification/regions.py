@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dicomnode.classification.model.checkpoint import CLASSES
+from dicomnode.classification.model.classes import CLASSES
 
 #: The default chain: the classes of the shipped model (callers pass the loaded model's classes).
 CLASS_ORDER: tuple[str, ...] = CLASSES

@@ -54,23 +54,36 @@ def _plot_path(base: Path, i: int) -> Path:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from dicomnode.classification.plot import plot_profile
-    from dicomnode.classification.pipeline import classify_paths, configure_torch, results_to_json
-    from dicomnode.classification.model import load_model, node_model_path
+    from dicomnode.classification.imaging.series import iter_files
+    from dicomnode.classification.model import node_model_path, read_preprocess
+    from dicomnode.classification.pipeline import FileScan
 
+    # the model the node would use: model.path, else the one `promote` installed, else the shipped one
+    model_path = node_model_path(cfg.model.path, cfg.resolved_data_dir)
     try:
-        # the model the node would use: model.path, else the one `promote` installed, else the shipped one
-        model = load_model(node_model_path(cfg.model.path, cfg.resolved_data_dir), cfg.worker.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"dicomnode classify: {exc}", file=sys.stderr)
-        return 2
-    configure_torch(args.threads)
-    try:
-        results, problems = classify_paths(args.paths, model, min_slices=args.min_slices, batch_size=cfg.worker.batch_size,
-                                           keep_coronal=bool(args.plot))
+        files = list(iter_files(args.paths))
     except ValueError as exc:  # a path that does not exist
         print(f"dicomnode classify: {exc}", file=sys.stderr)
         return 1
+    # Reading starts before torch is imported (about 2 s): reader processes decode and preprocess with
+    # the checkpoint's preprocessing while this process loads the model.
+    params = read_preprocess(model_path)
+    scan = FileScan(files, params, cfg.worker.batch_size, keep_coronal=bool(args.plot)) if params else None
+    try:
+        from dicomnode.classification.model import load_model
+        from dicomnode.classification.pipeline import classify_paths, configure_torch, results_to_json
+
+        try:
+            model = load_model(model_path, cfg.worker.device)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"dicomnode classify: {exc}", file=sys.stderr)
+            return 2
+        configure_torch(args.threads)
+        results, problems = classify_paths(files, model, min_slices=args.min_slices, batch_size=cfg.worker.batch_size,
+                                           keep_coronal=bool(args.plot), scan=scan)
+    finally:
+        if scan is not None:
+            scan.close()
     for problem in problems:
         log.warning("ignored %s", problem)
     if args.json:
@@ -79,6 +92,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     else:
         sys.stdout.write(format_table(results))
     if args.plot:
+        from dicomnode.classification.plot import plot_profile
+
         plotted = [r for r in results if r.status == "classified"]
         for i, r in enumerate(plotted):
             out = plot_profile(r, _plot_path(Path(args.plot), i))

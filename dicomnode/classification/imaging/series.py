@@ -160,14 +160,27 @@ def group_series(paths: Iterable[str | os.PathLike[str]]) -> tuple[dict[str, lis
     Returns ``(series, problems)``: files that are not DICOM, and second copies of one SOP instance, are
     listed in ``problems`` (one line each) and otherwise ignored.
     """
+    def read(path: Path) -> list[SliceHeader] | str:
+        try:
+            return read_headers(path)
+        except ValueError as exc:
+            return str(exc)
+
+    return group_headers((path, read(path)) for path in iter_files(paths))
+
+
+def group_headers(files: Iterable[tuple[Path, list[SliceHeader] | str]]) -> tuple[dict[str, list[SliceHeader]], list[str]]:
+    """Group the headers of files (in file order) by SeriesInstanceUID, as :func:`group_series` does.
+
+    ``files`` holds, per file, its headers or the reason it could not be read (a problem line). The first
+    copy of a SOP instance (and frame) is kept; later copies are listed in ``problems``.
+    """
     groups: dict[str, list[SliceHeader]] = defaultdict(list)
     problems: list[str] = []
     seen: dict[tuple[str, int | None], Path] = {}
-    for path in iter_files(paths):
-        try:
-            headers = read_headers(path)
-        except ValueError as exc:
-            problems.append(str(exc))
+    for path, headers in files:
+        if isinstance(headers, str):
+            problems.append(headers)
             continue
         for h in headers:
             key = (h.sop_instance_uid, h.frame)

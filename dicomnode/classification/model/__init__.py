@@ -1,27 +1,35 @@
-"""The ConvNet, its checkpoints and the shipped default model (one definition for node and trainer)."""
+"""The ConvNet, its checkpoints and the shipped default model (one definition for node and trainer).
 
-from dicomnode.classification.model.checkpoint import (
-    ANATOMICAL_ORDER,
-    BODY_PARTS,
-    CHECKPOINT_NAME,
-    CLASSES,
-    DEFAULT_MODEL_DIR,
-    FIVE_CLASSES,
-    LoadedModel,
-    check_class_order,
-    checkpoint_path,
-    load_model,
-    make_untrained_checkpoint,
-    node_model_path,
-    predict_proba,
-    read_checkpoint,
-    resolve_device,
-    save_checkpoint,
-)
-from dicomnode.classification.model.net import DEFAULT_NET_CONFIG, ConvNet, build_net, complete_net_config
+Names are imported on first use (PEP 562), so that the class list, the Body Part terms and the
+checkpoint paths (:mod:`.classes`, :mod:`.files`) come without importing torch; the net, loading and
+inference (:mod:`.net`, :mod:`.checkpoint`) import it.
+"""
 
-__all__ = [
-    "ANATOMICAL_ORDER", "FIVE_CLASSES", "check_class_order", "BODY_PARTS", "CHECKPOINT_NAME", "CLASSES", "DEFAULT_MODEL_DIR", "DEFAULT_NET_CONFIG", "ConvNet", "LoadedModel",
-    "build_net", "checkpoint_path", "complete_net_config", "load_model", "make_untrained_checkpoint", "node_model_path",
-    "predict_proba", "read_checkpoint", "resolve_device", "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "classes": ("ANATOMICAL_ORDER", "BODY_PARTS", "CLASSES", "FIVE_CLASSES", "check_class_order"),
+    "files": ("CHECKPOINT_NAME", "DEFAULT_MODEL_DIR", "checkpoint_path", "node_model_path", "read_preprocess"),
+    "checkpoint": ("LoadedModel", "load_model", "make_untrained_checkpoint", "predict_proba", "read_checkpoint",
+                   "resolve_device", "save_checkpoint"),
+    "net": ("DEFAULT_NET_CONFIG", "ConvNet", "build_net", "complete_net_config"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_HOME_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -17,44 +17,24 @@ import numpy as np
 import torch
 
 from dicomnode.classification.imaging.preprocess import PreprocessParams
+from dicomnode.classification.model.classes import (  # noqa: F401 (names of the model's public API)
+    ANATOMICAL_ORDER,
+    BODY_PARTS,
+    CLASSES,
+    FIVE_CLASSES,
+    check_class_order,
+)
+from dicomnode.classification.model.files import (  # noqa: F401
+    CHECKPOINT_NAME,
+    DEFAULT_MODEL_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    PROMOTED_RELATIVE,
+    UNTRAINED_VERSION,
+    checkpoint_path,
+    node_model_path,
+)
 from dicomnode.classification.model.net import ConvNet, build_net, inference_copy
-
-#: Every region a model may name, top (head) to bottom; a model's classes are a subsequence of it, in this
-#: order (region decoding moves only down this chain). ``abdomen`` is the lower abdomen between liver and
-#: pelvis (kidneys, bowel); the shipped model has no abdomen class (too few labelled slices, see its card).
-ANATOMICAL_ORDER: tuple[str, ...] = ("head", "neck", "lungs", "liver", "abdomen", "pelvis", "legs")
-#: The classes of the shipped model and the trainer's default; the one place the class list is written.
-#: Everything that runs a model (pipeline, index, query/retrieve) takes the class list from the loaded
-#: checkpoint (``LoadedModel.classes``), so an older five-class checkpoint still works.
-CLASSES: tuple[str, ...] = ("head", "neck", "lungs", "liver", "pelvis", "legs")
-#: The five classes of Roth et al. (2015): the paper's comparison (see ``trainer.evaluate.FIVE_CLASS_VIEW``).
-FIVE_CLASSES: tuple[str, ...] = ("neck", "lungs", "liver", "pelvis", "legs")
-#: Body Part Examined (0018,0015) defined terms (DICOM PS3.16 Annex L) per region.
-BODY_PARTS: dict[str, str] = {"head": "HEAD", "neck": "NECK", "lungs": "LUNG", "liver": "LIVER",
-                              "abdomen": "ABDOMEN", "pelvis": "PELVIS", "legs": "LEG"}
-
-
-def check_class_order(classes: tuple[str, ...] | list[str], where: str = "model") -> tuple[str, ...]:
-    """``classes`` as a tuple when they are distinct regions of :data:`ANATOMICAL_ORDER` in that order.
-
-    Raises ``ValueError`` naming ``where`` otherwise (region decoding needs the anatomical order).
-    """
-    out = tuple(str(c) for c in classes)
-    unknown = [c for c in out if c not in ANATOMICAL_ORDER]
-    if unknown or not out:
-        raise ValueError(f"{where}: unknown class(es) {unknown or '(none)'}; known regions, top to bottom: "
-                         f"{', '.join(ANATOMICAL_ORDER)}")
-    idx = [ANATOMICAL_ORDER.index(c) for c in out]
-    if any(b <= a for a, b in zip(idx, idx[1:])):
-        raise ValueError(f"{where}: classes {out} are not in the anatomical order {ANATOMICAL_ORDER}")
-    return out
-
-CHECKPOINT_NAME = "model.pt"
-FORMAT = "dicomnode-convnet"
-FORMAT_VERSION = 1
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
-UNTRAINED_VERSION = "untrained-test-model"
-
 
 @dataclass
 class LoadedModel:
@@ -79,32 +59,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device in ("", "auto", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def checkpoint_path(path: str | Path | None) -> Path:
-    """The checkpoint file for ``path`` (None = shipped default; a directory = ``<dir>/model.pt``)."""
-    p = DEFAULT_MODEL_DIR / CHECKPOINT_NAME if path is None or str(path) == "" else Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_NAME
-    return p
-
-
-#: Where ``dicomnode promote`` installs a model when ``model.path`` is empty (relative to ``data_dir``).
-PROMOTED_RELATIVE = Path("models") / CHECKPOINT_NAME
-
-
-def node_model_path(model_path: str | Path | None, data_dir: str | Path) -> Path:
-    """The checkpoint file a node uses: ``model.path`` when set; else the model ``promote`` installed in
-    ``<data_dir>/models/model.pt`` when there is one; else the shipped default.
-
-    The worker calls this before every job, so the first ``promote`` (which installs into
-    ``<data_dir>/models/`` and then writes that path into the YAML) reaches a running worker whose
-    in-memory config still has an empty ``model.path``.
-    """
-    if model_path is not None and str(model_path) != "":
-        return checkpoint_path(model_path)
-    promoted = Path(data_dir) / PROMOTED_RELATIVE
-    return promoted if promoted.is_file() else checkpoint_path(None)
 
 
 def save_checkpoint(path: str | Path, net: torch.nn.Module, net_config: dict[str, Any],
