@@ -257,35 +257,19 @@ def classify_files(paths: list[Path], model, cancel: threading.Event | None = No
 
     For the worker's early classification of slices while their series is still arriving; the series
     job later only orders the slices, decodes the regions and classifies what is missing. Each file is
-    read once (its header from the same dataset as its pixels). A file that does not read or decode, or
-    a multi-frame file, gives None: the series job meets it again and reports it with its reason.
-    The per-slice computation is exactly that of :func:`infer_plan`, so the probabilities are the same.
+    read once (its header from the same dataset as its pixels: the read of :class:`FileScan`). A file
+    that does not read or decode, a multi-frame file or a slice out of scope on its own gives None: the
+    series job meets it again and reports it with its reason. The per-slice computation is exactly that
+    of :func:`infer_plan`, so the probabilities are the same.
     """
-    from dicomnode.classification.imaging.preprocess import preprocess_batch
-    from dicomnode.classification.imaging.series import headers_from_dataset
-    from dicomnode.classification.model import predict_proba
-
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("classification cancelled")
+    headers, decoded, _, _ = _scan_chunk([Path(p) for p in paths], model.preprocess, False)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("classification cancelled")
     out: list[EarlySlice | None] = [None] * len(paths)
-    items, where, headers = [], [], []
-    for i, path in enumerate(paths):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("classification cancelled")
-        try:
-            ds = pydicom.dcmread(str(path))
-            hs = headers_from_dataset(ds, Path(path))
-            if len(hs) != 1 or hs[0].frame is not None:
-                continue
-            items.append((dataset_to_hu(ds, None), pixel_spacing_mm(ds, None)))
-        except Exception as exc:  # reported by the series job, which reads the file again
-            log.debug("early classification of %s skipped: %s", path, exc)
-            continue
-        where.append(i)
-        headers.append(hs[0])
-    if not items:
-        return out
-    probs = predict_proba(model, preprocess_batch(items, model.preprocess))
-    for i, h, p in zip(where, headers, probs):
-        out[i] = EarlySlice(h, p)
+    for (i, _, _, _), p in zip(decoded, _infer_decoded(model, decoded)):
+        out[i] = EarlySlice(headers[i][0], p)
     return out
 
 
@@ -297,7 +281,7 @@ def classify_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 
     """Classify an in-scope plan: per-slice probabilities, decoded regions and ranges.
 
     ``known``: probabilities already computed per SOP Instance UID (single-frame slices classified as
-    they arrived, :func:`classify_files`, or read in the one pass of :func:`scan_files`); only the other
+    they arrived, :func:`classify_files`, or read in the one pass of a :class:`FileScan`); only the other
     slices are read and inferred here. With ``keep_coronal``, ``known_coronal`` holds their coronal lines
     (a known slice without one is read again).
     """
@@ -357,7 +341,7 @@ def classify_plan(plan: SeriesPlan, model, batch_size: int = 32, readers: int = 
 
 @dataclass
 class ScannedFiles:
-    """What one pass over the files gave (:func:`scan_files`)."""
+    """What one pass over the files gave (:meth:`FileScan.collect`)."""
 
     #: per file, in file order: its headers, or the reason it could not be read
     headers: list[tuple[Path, list[SliceHeader] | str]] = field(default_factory=list)
@@ -374,14 +358,15 @@ SCAN_LOOKAHEAD_BYTES = 64 << 20
 
 def _scan_chunk(paths: list[Path], params, keep_coronal: bool):
     """Read each file of a chunk once (in a reader process or thread): its headers, and for a single-frame
-    slice that is in scope on its own, its resampled HU (S, S) and coronal line. Never imports torch."""
+    slice that is in scope on its own, (its index in ``paths``, SOP Instance UID, resampled HU (S, S),
+    coronal line or None). Never imports torch."""
     from dicomnode.classification.imaging.preprocess import resample_hu
     from dicomnode.classification.imaging.series import headers_from_dataset, read_headers, scope_reason
 
     t_read = t_prep = 0.0
     headers: list[list[SliceHeader] | str] = []
-    decoded: list[tuple[str, np.ndarray, np.ndarray | None]] = []
-    for path in paths:
+    decoded: list[tuple[int, str, np.ndarray, np.ndarray | None]] = []
+    for i, path in enumerate(paths):
         t0 = time.perf_counter()
         try:
             ds = pydicom.dcmread(str(path))
@@ -403,11 +388,21 @@ def _scan_chunk(paths: list[Path], params, keep_coronal: bool):
             t_read += time.perf_counter() - t0
             continue
         t1 = time.perf_counter()
-        decoded.append((hs[0].sop_instance_uid, resample_hu(hu, hs[0].spacing_mm, params),
+        decoded.append((i, hs[0].sop_instance_uid, resample_hu(hu, hs[0].spacing_mm, params),
                         _coronal_line(hu) if keep_coronal else None))
         t_read += t1 - t0
         t_prep += time.perf_counter() - t1
     return headers, decoded, t_read, t_prep
+
+
+def _infer_decoded(model, decoded: list[tuple[int, str, np.ndarray, np.ndarray | None]]) -> np.ndarray:
+    """Probabilities of the slices :func:`_scan_chunk` decoded (windows, then the net)."""
+    from dicomnode.classification.imaging.preprocess import windows_to_channels
+    from dicomnode.classification.model import predict_proba
+
+    if not decoded:
+        return np.zeros((0, len(model.classes)), dtype=np.float32)
+    return predict_proba(model, windows_to_channels(np.stack([r for _, _, r, _ in decoded]), model.preprocess))
 
 
 class FileScan:
@@ -467,15 +462,12 @@ class FileScan:
         """Infer every chunk as it arrives (in this thread); returns what the pass found."""
         from concurrent.futures.process import BrokenProcessPool
 
-        from dicomnode.classification.imaging.preprocess import windows_to_channels
-        from dicomnode.classification.model import predict_proba
-
         if model.preprocess != self.params:  # read for another model: read again for this one
             self.close()
             self.__init__(self.paths, model.preprocess, self.batch_size, self._readers, self.keep_coronal)
         out = ScannedFiles()
         t_start = time.perf_counter()
-        seen: set[str] = set()
+        first_file: dict[str, int] = {}  # SOP Instance UID -> position of its first file (group_headers keeps it)
         try:
             while self._in_flight:
                 if cancel is not None and cancel.is_set():
@@ -490,24 +482,19 @@ class FileScan:
                 self._in_flight.popleft()
                 self._fill()
                 t1 = time.perf_counter()
-                if decoded:
-                    probs = predict_proba(model, windows_to_channels(np.stack([r for _, r, _ in decoded]), self.params))
-                else:
-                    probs = []
+                probs = _infer_decoded(model, decoded)
                 t2 = time.perf_counter()
                 out.timings.wait_s += t1 - t0
                 out.timings.infer_s += t2 - t1
                 out.timings.read_decode_s += t_read
                 out.timings.preprocess_s += t_prep
+                offset = len(out.headers)
                 out.headers += list(zip(chunk, headers))
-                firsts = set()
-                for hs in headers:  # the first copy of a SOP instance is the one grouped (group_headers)
+                for i, hs in enumerate(headers):
                     for h in ([] if isinstance(hs, str) else hs):
-                        if h.sop_instance_uid not in seen:
-                            seen.add(h.sop_instance_uid)
-                            firsts.add(h.sop_instance_uid)
-                for (uid, _, line), p in zip(decoded, probs):
-                    if uid in firsts and uid not in out.probabilities:
+                        first_file.setdefault(h.sop_instance_uid, offset + i)
+                for (i, uid, _, line), p in zip(decoded, probs):
+                    if first_file[uid] == offset + i:
                         out.probabilities[uid] = p
                         if line is not None:
                             out.coronal[uid] = line

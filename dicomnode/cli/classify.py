@@ -56,7 +56,7 @@ def _plot_path(base: Path, i: int) -> Path:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from dicomnode.classification.imaging.series import iter_files
     from dicomnode.classification.model import node_model_path, read_preprocess
-    from dicomnode.classification.pipeline import FileScan
+    from dicomnode.classification.pipeline import FileScan, classify_paths, configure_torch, results_to_json
 
     # the model the node would use: model.path, else the one `promote` installed, else the shipped one
     model_path = node_model_path(cfg.model.path, cfg.resolved_data_dir)
@@ -70,8 +70,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     params = read_preprocess(model_path)
     scan = FileScan(files, params, cfg.worker.batch_size, keep_coronal=bool(args.plot)) if params else None
     try:
-        from dicomnode.classification.model import load_model
-        from dicomnode.classification.pipeline import classify_paths, configure_torch, results_to_json
+        from dicomnode.classification.model import load_model  # imports torch
 
         try:
             model = load_model(model_path, cfg.worker.device)
