@@ -89,8 +89,6 @@ def child(workdir: Path, model: str, device: str, batch_size: int, threads: int)
     t0 = time.perf_counter()
     loaded = state.model()
     load_s = time.perf_counter() - t0
-    import torch
-
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     outcome = worker.process_next(state)
@@ -102,7 +100,7 @@ def child(workdir: Path, model: str, device: str, batch_size: int, threads: int)
     engine.dispose()
     return {"slices": r.n_slices, "device": str(loaded.device), "model_version": loaded.version,
             "net_config": loaded.net_config, "input": f"{loaded.preprocess.channels}x{loaded.preprocess.size}^2 "
-            f"at {loaded.preprocess.pixel_mm} mm", "torch_threads": torch.get_num_threads(),
+            f"at {loaded.preprocess.pixel_mm} mm", "threads": threads or os.cpu_count(),
             "batch_size": cfg.worker.batch_size, "model_load_s": load_s, "end_to_end_s": wall,
             "slices_per_s": r.n_slices / wall, "timings": r.timings.to_dict(), "dominant": r.timings.dominant(),
             "rss_before_job_mib": rss_before, "peak_rss_mib": peak,
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[652, 2000], help="series lengths (default 652 2000)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
+    parser.add_argument("--threads", type=int, default=0, help="inference threads (0 = one per core)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  [{f['device']}] {f['slices']} slices end-to-end {f['end_to_end_s']:.2f} s = "
                       f"{f['slices_per_s']:.1f} slices/s  (model load {f['model_load_s']:.2f} s, not per series)")
                 print(f"    model {f['model_version']}, input {f['input']}, widths {f['net_config'].get('widths')}, "
-                      f"torch threads {f['torch_threads']}, batch {f['batch_size']}")
+                      f"threads {f['threads']}, batch {f['batch_size']}")
                 print(f"    stages: headers {t['headers_s']:.2f} s | read+decode {t['read_decode_s']:.2f} s and "
                       f"preprocess {t['preprocess_s']:.2f} s (reader threads, overlapped) | infer {t['infer_s']:.2f} s "
                       f"| waiting for decode {t['wait_s']:.2f} s | regions {t['regions_s']:.3f} s | store "

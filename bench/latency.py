@@ -190,12 +190,11 @@ def pydicom_floor(files: list[Path]) -> float:
 
 
 def early_path(files: list[Path], batch: int = 32) -> float:
-    """Seconds the worker's early path takes for ``files`` (model loaded before timing)."""
-    from dicomnode.classification.model import load_model
-    from dicomnode.classification.pipeline import classify_files, configure_torch
+    """Seconds the worker's early path takes for ``files`` (model loaded before timing, as a worker does)."""
+    from dicomnode.classification.model import load_inference_model
+    from dicomnode.classification.pipeline import classify_files
 
-    configure_torch(0)
-    model = load_model(None, "cpu")
+    model = load_inference_model(None, "cpu")
     classify_files(files[:batch], model)  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(files), batch):

@@ -3,9 +3,9 @@
 The main process checks the schema, binds the port, starts N listener processes that accept from that
 one socket (one Python process is bound to one core, so concurrent associations need several, as
 DCMTK's ``--fork``), runs the stability job and, unless disabled, ``worker.processes`` classification
-worker processes (at ``worker.nice``; torch is imported only there). Ctrl-C or SIGTERM stops everything
+worker processes (at ``worker.nice``; the model is loaded only there). Ctrl-C or SIGTERM stops everything
 cleanly; a listener or worker process that dies is restarted (a worker killed by the kernel for memory
-or crashing in torch takes nothing else with it; its job is claimed again once the lease expired).
+or crashing in the inference runtime takes nothing else with it; its job is claimed again once the lease expired).
 """
 
 from __future__ import annotations

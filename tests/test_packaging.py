@@ -27,7 +27,8 @@ def test_wheel_contents(wheel):
     for revision in (REPO / "migrations" / "versions").glob("*.py"):
         assert f"dicomnode/migrations/versions/{revision.name}" in names
     assert {"dicomnode/migrations/env.py", "dicomnode/migrations/script.py.mako",
-            "dicomnode/classification/model/default/model.pt", "dicomnode/classification/model/default/MODEL_CARD.md",
+            "dicomnode/classification/model/default/model.pt", "dicomnode/classification/model/default/model.onnx",
+            "dicomnode/classification/model/default/MODEL_CARD.md",
             "trainer/label_map.yaml", "dicomnode/cli/classify.py", "trainer/cli/evaluate.py"} <= names
     packages = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
     on_disk = {str(p.parent.relative_to(REPO)) for p in (REPO / "dicomnode").rglob("__init__.py")}

@@ -8,7 +8,13 @@ import torch
 
 from dicomnode.cli import main
 from dicomnode.config import load_config
-from dicomnode.classification.model import load_model, make_untrained_checkpoint, read_checkpoint
+from dicomnode.classification.model import (
+    load_model,
+    load_onnx_model,
+    make_untrained_checkpoint,
+    onnx_twin_path,
+    read_checkpoint,
+)
 from tests.conftest import REPO
 from trainer.promote import promote, set_model_path_in_yaml
 
@@ -44,9 +50,11 @@ def test_promote_sets_model_path_and_keeps_the_rest_of_the_config(tmp_path, caps
     # A second promotion replaces the file, keeps the previous one, leaves the config alone.
     second = make_untrained_checkpoint(tmp_path / "run2", seed=2)
     (second.parent / "MODEL_CARD.md").write_text("# card\n")
+    onnx_twin_path(second).unlink()  # a checkpoint of an older dicomnode: promote makes the twin
     record2 = promote(second.parent, cfg_file)
     assert record2["previous_version"] == "untrained-test-model-seed1" and record2["config_updated"] is False
     assert load_model(target).version == "untrained-test-model-seed2"
+    assert load_onnx_model(target).version == "untrained-test-model-seed2"  # the twin the node infers with
     assert read_checkpoint(target.with_name("model.pt.previous"))["version"] == "untrained-test-model-seed1"
     assert (target.parent / "MODEL_CARD.md").read_text() == "# card\n"
     history = [json.loads(line) for line in (target.parent / "promotions.jsonl").read_text().splitlines()]

@@ -24,7 +24,7 @@ from dicomnode.config import load_config
 from dicomnode.db.models import Instance, Job, RegionRange, Series, SliceResult, utcnow
 from dicomnode.db.session import upgrade
 from dicomnode.receive.ingest import SUCCESS, NodeContext, store_instance
-from dicomnode.classification.model import make_untrained_checkpoint
+from dicomnode.classification.model import LoadedModel, OnnxModel, make_untrained_checkpoint, onnx_twin_path
 from dicomnode.db.session import open_index
 from dicomnode.db.clock import db_utcnow
 from dicomnode.queue.stability import mark_stable_series
@@ -342,8 +342,13 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def has_torch(pid: int) -> bool:
-    return "libtorch" in (Path("/proc") / str(pid) / "maps").read_text()
+def mapped_files(pid: int) -> str:
+    return (Path("/proc") / str(pid) / "maps").read_text()
+
+
+def holds_model(pid: int) -> bool:
+    """Whether the process has loaded onnxruntime (a worker infers with the model's ONNX twin)."""
+    return "onnxruntime" in mapped_files(pid)
 
 
 def series_state(sessions, uid: str):
@@ -381,8 +386,9 @@ def test_node_classifies_on_release_and_survives_its_worker_dying(setup, tmp_pat
         assert series.body_parts and series.model_version.startswith("untrained-test-model")
 
         children = child_pids(node.pid)
-        workers = [p for p in children if has_torch(p)]
-        assert len(workers) == 1, "one worker process holds torch; the listeners never import it"
+        workers = [p for p in children if holds_model(p)]
+        assert len(workers) == 1, "one worker process holds the model; the listeners never import it"
+        assert not any("libtorch" in mapped_files(p) for p in [node.pid, *children]), "no node process has torch"
         os.kill(workers[0], signal.SIGKILL)
         wait_for(lambda: "restarting it" in log_path.read_text(), "the node to restart its worker")
         wait_for_echo(port, 60)  # the listeners did not notice
@@ -396,7 +402,7 @@ def test_node_classifies_on_release_and_survives_its_worker_dying(setup, tmp_pat
         uid2 = str(pydicom.dcmread(second / "000.dcm", stop_before_pixels=True).SeriesInstanceUID)
         series = wait_for(lambda: series_state(sessions, uid2), "the restarted worker to classify a series")
         assert series.classification_state == "done", log_path.read_text()
-        restarted = [p for p in child_pids(node.pid) if has_torch(p)]
+        restarted = [p for p in child_pids(node.pid) if holds_model(p)]
         assert len(restarted) == 1 and restarted != workers
     finally:
         assert stop_node(node, 30) == 0
@@ -441,12 +447,11 @@ def test_a_promoted_model_is_used_from_the_next_job_on(setup, tmp_path):
     cfg.model.path = str(model_file)
     state = state_for(cfg, sessions)
     first = state.model()
-    assert state.model() is first  # loaded once while the file is unchanged
-    import torch
-
-    replacement = make_untrained_checkpoint(tmp_path / "candidate.pt", seed=2)
-    os.replace(replacement, model_file)  # as `dicomnode promote` installs a model: an atomic rename
+    assert state.model() is first and isinstance(first, OnnxModel)  # loaded once while the files are unchanged
+    replacement = make_untrained_checkpoint(tmp_path / "candidate" / "model.pt", seed=2)
+    os.replace(replacement, model_file)  # as `dicomnode promote` installs a model: atomic renames
+    between = state.model()  # the new checkpoint beside the old twin: torch, never the stale twin
+    assert isinstance(between, LoadedModel) and between.version.endswith("seed2")
+    os.replace(onnx_twin_path(replacement), onnx_twin_path(model_file))
     second = state.model()
-    assert second is not first
-    weights = [p for p in first.net.parameters()], [p for p in second.net.parameters()]
-    assert not all(torch.equal(a, b) for a, b in zip(*weights))
+    assert isinstance(second, OnnxModel) and second.version.endswith("seed2") and first.version.endswith("seed1")

@@ -7,8 +7,9 @@ The node loads ``model.path`` (empty = the shipped default model). ``promote``:
    ``model.pt``); when ``model.path`` is empty, ``<data_dir>/models/model.pt``, and sets ``model.path`` in
    the YAML file to it (only that line changes; comments stay);
 3. keeps the model it replaces as ``<target>.previous`` (for a rollback), then installs the candidate
-   atomically (copy to a temp file in the same folder, fsync, rename), so a worker never sees half a file;
-   the worker reloads the checkpoint when the file changes and uses it from the next job on. A running
+   atomically (copy to a temp file in the same folder, fsync, rename), so a worker never sees half a file,
+   and writes its ONNX twin beside it (``model.onnx``, what the node infers with on the CPU); the worker
+   reloads the model when either file changes and uses it from the next job on. A running
    worker started with an empty ``model.path`` finds the first promoted model too: before each job it
    resolves its model with :func:`dicomnode.classification.model.node_model_path` (``model.path``, else
    ``<data_dir>/models/model.pt`` when it exists, else the shipped default), so it does not depend on
@@ -19,7 +20,6 @@ The node loads ``model.path`` (empty = the shipped default model). ``promote``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,14 +33,6 @@ from typing import Any
 log = logging.getLogger("trainer.promote")
 
 CARD_FILES = ("MODEL_CARD.md", "MODEL_CARD.json")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def target_path(model_path: str, data_dir: Path) -> Path:
@@ -126,7 +118,8 @@ def install_model(src: Path, target: Path) -> dict[str, Any]:
 
     Returns the promotion record (also appended to ``promotions.jsonl`` beside the target).
     """
-    from dicomnode.classification.model import load_model, read_checkpoint
+    from dicomnode.classification.model import load_model, read_checkpoint, write_onnx_twin
+    from dicomnode.classification.model.files import file_sha256
 
     candidate = load_model(src, device="cpu")  # raises naming the file when it is not a usable checkpoint
     target = target.resolve()
@@ -140,6 +133,7 @@ def install_model(src: Path, target: Path) -> dict[str, Any]:
             log.warning("the model at %s is not readable (%s); replacing it", target, exc)
         _copy_atomic(target, target.with_name(target.name + ".previous"))
     _copy_atomic(src, target)
+    write_onnx_twin(target, candidate.net, candidate.version)  # made anew: the candidate may have none
     for name in CARD_FILES:
         card = src.parent / name
         if card.is_file() and card.parent.resolve() != target.parent:
@@ -149,7 +143,7 @@ def install_model(src: Path, target: Path) -> dict[str, Any]:
         "version": candidate.version,
         "source": str(src.resolve()),
         "target": str(target),
-        "sha256": sha256_of(target),
+        "sha256": file_sha256(target),
         "previous_version": previous_version,
         "config_updated": False,
     }

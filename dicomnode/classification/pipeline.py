@@ -154,16 +154,6 @@ def _round(v: float | None, nd: int = 3) -> float | None:
     return None if v is None else round(float(v), nd)
 
 
-def configure_torch(threads: int = 0) -> int:
-    """Set torch's intra-op threads (0 = one per core); returns the number set."""
-    import torch
-
-    n = threads if threads > 0 else max(1, os.cpu_count() or 1)
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
-
-
 def _read_slice(header: SliceHeader) -> tuple[np.ndarray, tuple[float, float] | None]:
     try:
         ds = pydicom.dcmread(str(header.path))
@@ -410,9 +400,9 @@ class FileScan:
     by, and the probabilities of every single-frame slice that is in scope on its own (CT image, axial, no
     localizer, not tiny), decoded, preprocessed and inferred from the same read.
 
-    Reading starts when the scan is made: in ``readers`` processes when torch is not imported yet (they
-    fork before it; ``dicomnode classify`` makes the scan first and imports torch while they read), in
-    threads otherwise. Only chunks in flight are held (at most :data:`SCAN_LOOKAHEAD_BYTES` of resampled
+    Reading starts when the scan is made: in ``readers`` processes when neither torch nor onnxruntime is
+    imported yet (they fork before their thread pools start; ``dicomnode classify`` makes the scan first
+    and loads the model while they read), in threads otherwise. Only chunks in flight are held (at most :data:`SCAN_LOOKAHEAD_BYTES` of resampled
     slices). The probability of a slice does not depend on its neighbours, so they equal those of
     :func:`infer_plan` on the ordered series; a slice left out here (multi-frame, out of scope, pixels
     that do not decode) is met again by :func:`classify_plan`, which reads it or reports why it cannot.
@@ -431,7 +421,8 @@ class FileScan:
         chunk_bytes = size * params.size * params.size * 4
         self._lookahead = max(2 * self._readers, SCAN_LOOKAHEAD_BYTES // chunk_bytes)
         self._in_flight: deque[tuple[list[Path], Future]] = deque()
-        self.processes = "torch" not in sys.modules and hasattr(os, "fork") and len(self._chunks) > 1
+        self.processes = (not {"torch", "onnxruntime"} & set(sys.modules) and hasattr(os, "fork")
+                          and len(self._chunks) > 1)
         self._pool = self._make_pool(self.processes)
         self._fill()
 

@@ -2,7 +2,7 @@
 
 Prints a table of region ranges per series, or with ``--json`` the document of
 :func:`dicomnode.classification.pipeline.results_to_json`, to stdout; logs go to stderr. ``--plot FILE.png`` draws, per
-series, the five probabilities along z beside a coronal reformat (the paper's Fig. 7); with several series
+series, the class probabilities along z beside a coronal reformat (the paper's Fig. 7); with several series
 the second and later get ``-2``, ``-3``, ... before the extension.
 Exit status: 0 when every series was classified or skipped, 1 when one failed or none was found,
 2 when the model cannot be loaded.
@@ -56,7 +56,7 @@ def _plot_path(base: Path, i: int) -> Path:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from dicomnode.classification.imaging.series import iter_files
     from dicomnode.classification.model import node_model_path, read_preprocess
-    from dicomnode.classification.pipeline import FileScan, classify_paths, configure_torch, results_to_json
+    from dicomnode.classification.pipeline import FileScan, classify_paths, results_to_json
 
     # the model the node would use: model.path, else the one `promote` installed, else the shipped one
     model_path = node_model_path(cfg.model.path, cfg.resolved_data_dir)
@@ -65,19 +65,18 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as exc:  # a path that does not exist
         print(f"dicomnode classify: {exc}", file=sys.stderr)
         return 1
-    # Reading starts before torch is imported (about 2 s): reader processes decode and preprocess with
-    # the checkpoint's preprocessing while this process loads the model.
+    # Reading starts before the model is loaded (onnxruntime, or torch's ~2 s import): reader processes
+    # decode and preprocess with the checkpoint's preprocessing while this process loads the model.
     params = read_preprocess(model_path)
     scan = FileScan(files, params, cfg.worker.batch_size, keep_coronal=bool(args.plot)) if params else None
     try:
-        from dicomnode.classification.model import load_model  # imports torch
+        from dicomnode.classification.model import load_inference_model
 
         try:
-            model = load_model(model_path, cfg.worker.device)
+            model = load_inference_model(model_path, cfg.worker.device, args.threads)
         except (FileNotFoundError, ValueError) as exc:
             print(f"dicomnode classify: {exc}", file=sys.stderr)
             return 2
-        configure_torch(args.threads)
         results, problems = classify_paths(files, model, min_slices=args.min_slices, batch_size=cfg.worker.batch_size,
                                            keep_coronal=bool(args.plot), scan=scan)
     finally:
@@ -116,5 +115,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="slices per inference batch (overrides worker.batch_size)")
     p.add_argument("--min-slices", type=int, default=1, metavar="N",
                    help="skip series with fewer slices (default 1; the node uses worker.min_slices)")
-    p.add_argument("--device", help="auto (CUDA when available), cpu or cuda[:N] (overrides worker.device)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    p.add_argument("--device", help="auto (CUDA when an NVIDIA GPU is visible, else the CPU), cpu or cuda[:N] "
+                   "(overrides worker.device)")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (default: one per core)")

@@ -20,7 +20,9 @@ Per job:
 2. read the headers of the series' files, decide scope and order (:mod:`dicomnode.classification.imaging.series`); an
    out-of-scope series ends ``skipped`` with its reason;
 3. classify (:mod:`dicomnode.classification.pipeline`; the model is loaded once per worker, on the first job, from
-   ``model.path`` or the shipped default, on ``worker.device``: CUDA when available under ``auto``);
+   ``model.path`` or the shipped default, on ``worker.device``: on the CPU the checkpoint's ONNX twin
+   on onnxruntime, so a worker process never imports torch; torch on CUDA, available under ``auto``;
+   see :mod:`dicomnode.classification.model.runtime`);
 4. in one transaction, checking the lease is still held: replace the series' slice results and region
    ranges, and set ``Series.body_parts`` (backslash-joined Body Part Examined terms), ``model_version`` and
    ``classified_at``; then mark the job done.
@@ -110,28 +112,31 @@ class WorkerState:
 
     def model(self):
         """The classification model (``model.path`` or the shipped default), loaded on first use and
-        loaded again when its checkpoint file was replaced (``dicomnode promote`` replaces it atomically),
-        so a promoted model is used from the next job on."""
-        from dicomnode.classification.model import node_model_path
+        loaded again when its checkpoint file or its ONNX twin was replaced (``dicomnode promote`` replaces
+        both atomically), so a promoted model is used from the next job on."""
+        from dicomnode.classification.model import node_model_path, onnx_twin_path
 
         # Resolved before every job: a model promoted into <data_dir>/models/ while model.path was empty
         # is found without a restart (see node_model_path).
         path = node_model_path(self.cfg.model.path or None, self.cfg.resolved_data_dir)
-        try:
-            st = path.stat()
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = None  # load_model below raises the clear error
+        stamp = tuple(_file_stamp(p) for p in (path, onnx_twin_path(path)))
         if self._model is None or stamp != self._model_stamp:
-            from dicomnode.classification.pipeline import configure_torch
-            from dicomnode.classification.model import load_model
+            from dicomnode.classification.model import load_inference_model
 
-            configure_torch(self.cfg.worker.threads)
-            self._model = load_model(path, self.cfg.worker.device)
+            self._model = load_inference_model(path, self.cfg.worker.device, self.cfg.worker.threads)
             self._model_stamp = stamp
             log.info("worker %s loaded model %s (%s) on %s", self.owner, self._model.version, path,
                      self._model.device)
         return self._model
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of a file, None when it is missing (loading then says why)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def default_owner() -> str:

@@ -1,8 +1,9 @@
 """The ConvNet, its checkpoints and the shipped default model (one definition for node and trainer).
 
-Names are imported on first use (PEP 562), so that the class list, the Body Part terms and the
-checkpoint paths (:mod:`.classes`, :mod:`.files`) come without importing torch; the net, loading and
-inference (:mod:`.net`, :mod:`.checkpoint`) import it.
+Names are imported on first use (PEP 562), so that the class list, the Body Part terms, the
+checkpoint paths (:mod:`.classes`, :mod:`.files`) and the node's inference on a checkpoint's ONNX twin
+(:mod:`.runtime`) come without importing torch; the net, torch loading and the twin's writer
+(:mod:`.net`, :mod:`.checkpoint`, :mod:`.onnx_twin`) import it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from typing import Any
 
 _HOMES = {
     "classes": ("ANATOMICAL_ORDER", "BODY_PARTS", "CLASSES", "FIVE_CLASSES", "check_class_order"),
-    "files": ("CHECKPOINT_NAME", "DEFAULT_MODEL_DIR", "checkpoint_path", "node_model_path", "read_preprocess"),
-    "checkpoint": ("LoadedModel", "load_model", "make_untrained_checkpoint", "predict_proba", "read_checkpoint",
+    "files": ("CHECKPOINT_NAME", "DEFAULT_MODEL_DIR", "checkpoint_path", "node_model_path", "onnx_twin_path",
+              "read_checkpoint_header", "read_preprocess"),
+    "runtime": ("OnnxModel", "TwinUnusable", "configure_torch", "load_inference_model", "load_onnx_model",
+                "predict_proba"),
+    "checkpoint": ("LoadedModel", "load_model", "make_untrained_checkpoint", "read_checkpoint",
                    "resolve_device", "save_checkpoint"),
+    "onnx_twin": ("write_onnx_twin",),
     "net": ("DEFAULT_NET_CONFIG", "ConvNet", "build_net", "complete_net_config"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -1,7 +1,8 @@
 """Checkpoints: weights + net config + class order + preprocessing + version, in one file.
 
 A checkpoint is a ``torch.save`` dict read back with ``weights_only=True`` (no pickled code), so
-inference rebuilds the model from the file alone. ``load_model(None)`` loads the shipped default model in
+inference rebuilds the model from the file alone. Every checkpoint written here gets an ONNX twin
+beside it, which the node infers with on the CPU (:mod:`.runtime`). ``load_model(None)`` loads the shipped default model in
 ``dicomnode/classification/model/default/model.pt``; a directory is read as ``<dir>/model.pt``.
 """
 
@@ -31,7 +32,9 @@ from dicomnode.classification.model.files import (  # noqa: F401
     FORMAT_VERSION,
     PROMOTED_RELATIVE,
     UNTRAINED_VERSION,
+    check_payload,
     checkpoint_path,
+    existing_checkpoint,
     node_model_path,
 )
 from dicomnode.classification.model.net import ConvNet, build_net, inference_copy
@@ -64,7 +67,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def save_checkpoint(path: str | Path, net: torch.nn.Module, net_config: dict[str, Any],
                     preprocess: PreprocessParams, version: str, extra: dict[str, Any] | None = None,
                     classes: tuple[str, ...] = CLASSES) -> Path:
-    """Write a checkpoint atomically (temp file + rename); a directory ``path`` gets ``model.pt``.
+    """Write a checkpoint atomically (temp file + rename), then its ONNX twin beside it (``model.onnx``,
+    :func:`write_onnx_twin`); a directory ``path`` gets ``model.pt``. Returns the checkpoint's path.
 
     ``extra`` must hold only JSON-like values (dict/list/str/int/float/bool/None) and tensors.
     """
@@ -93,31 +97,20 @@ def save_checkpoint(path: str | Path, net: torch.nn.Module, net_config: dict[str
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    from dicomnode.classification.model.onnx_twin import write_onnx_twin
+
+    write_onnx_twin(p, net, str(version))  # a crash before this leaves a stale twin, which is not used
     return p
 
 
 def read_checkpoint(path: str | Path | None) -> dict[str, Any]:
     """The raw checkpoint dict (checked), or ``FileNotFoundError``/``ValueError`` naming the file."""
-    p = checkpoint_path(path)
-    if not p.is_file():
-        if path is None or str(path) == "":
-            raise FileNotFoundError(
-                f"no default model is shipped at {p}: train one with `dicomnode train` and set model.path "
-                "in the config (or pass --model)")
-        raise FileNotFoundError(f"model checkpoint not found: {p}")
+    p = existing_checkpoint(path)
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / not a torch file
         raise ValueError(f"{p}: not a readable dicomnode checkpoint ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{p}: not a dicomnode checkpoint (format is not {FORMAT!r})")
-    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{p}: checkpoint format_version {payload.get('format_version')} is newer than "
-                         f"this dicomnode ({FORMAT_VERSION})")
-    for key in ("version", "classes", "net_config", "preprocess", "state_dict"):
-        if key not in payload:
-            raise ValueError(f"{p}: checkpoint lacks {key!r}")
-    return payload
+    return check_payload(p, payload, ("version", "classes", "net_config", "preprocess", "state_dict"))
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "auto") -> LoadedModel:
