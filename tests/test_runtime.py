@@ -99,6 +99,11 @@ def test_a_twin_that_does_not_match_its_checkpoint_is_not_used(tmp_path, caplog)
     with pytest.raises(TwinUnusable, match="onnxruntime cannot load it"):
         load_onnx_model(a)
     assert isinstance(load_inference_model(a, "cpu"), LoadedModel)
+    with pytest.raises(FileNotFoundError, match="model checkpoint not found"):
+        load_inference_model(tmp_path / "missing.pt", "cpu")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable dicomnode checkpoint"):  # torch's reading names it
+        load_inference_model(tmp_path / "junk.pt", "cpu")
 
 
 def test_torch_is_used_without_onnxruntime_and_on_a_gpu(tmp_path, monkeypatch, caplog):

@@ -395,7 +395,7 @@ def run(cfg: Config, stop: threading.Event, sessions: sessionmaker[Session] | No
              cfg.worker.batch_size, cfg.worker.device)
     if results_configured(cfg):  # issue 14: the results and forward jobs run beside the classification
         results_runner.start(cfg, stop, sessions, state.owner)
-    if cfg.worker.early:  # import torch and load the model now, not when the first series arrives
+    if cfg.worker.early:  # load the model now, not when the first series arrives
         try:
             state.model()
         except Exception as exc:  # the job that needs it reports the error

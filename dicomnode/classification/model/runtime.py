@@ -64,10 +64,13 @@ def nvidia_gpu_visible() -> bool:
 
 def load_onnx_model(path: str | Path | None, threads: int = 0) -> OnnxModel:
     """The twin of the checkpoint at ``path`` (None = the shipped model) on onnxruntime with ``threads``
-    intra-op threads (0 = one per core). ``TwinUnusable`` says why it cannot be used;
-    ``FileNotFoundError``/``ValueError`` name a checkpoint that is missing or not one."""
+    intra-op threads (0 = one per core). ``TwinUnusable`` says why it cannot be used (also when the
+    checkpoint cannot be read without torch); ``FileNotFoundError`` names a checkpoint that is missing."""
     p = checkpoint_path(path)
-    header = read_checkpoint_header(path)
+    try:
+        header = read_checkpoint_header(path)
+    except ValueError as exc:  # torch may still read it (load_model then says what is wrong, if anything)
+        raise TwinUnusable(str(exc)) from exc
     twin = onnx_twin_path(p)
     if not twin.is_file():
         raise TwinUnusable(f"no ONNX twin {twin.name} beside {p}")
