@@ -5,13 +5,15 @@ For each size (default 652 and 2,000 slices) it builds a series from the real Si
 geometry) in a temporary folder, stores it in a fresh SQLite index with ``dicomnode.receive.ingest.store_instance``
 (not timed) and queues its job. Then a fresh child process (so that its peak RSS is the classification's
 alone, imports and model included) loads the model once and runs the worker on that job exactly as
-``dicomnode worker`` does: claim -> read headers -> order -> read + decode + preprocess + infer (decoding
-in a thread pool overlapped with inference) -> regions -> store results in one transaction -> done.
+``dicomnode worker`` does: claim -> one read of each file (headers, and decode + preprocess in the
+worker's reader processes, inferred as the batches arrive) -> order -> regions -> store results in one
+transaction -> done.
 
 Printed: end-to-end seconds and slices/s, per-stage seconds (read/decode and preprocess are summed over
-the reader threads, so they overlap inference; ``wait`` is the time inference waited for decoded
-batches), which stage dominates, and the peak RSS of the child. Runs on the CPU, and on CUDA too when a
-GPU is present. Nothing is written outside the temporary folder (removed at the end unless ``--keep``).
+the readers, so they overlap inference; ``wait`` is the time inference waited for decoded batches),
+which stage dominates, the peak RSS of the child, and that of its reader processes. Runs on the CPU,
+and on CUDA too when a GPU is present. Nothing is written outside the temporary folder (removed at the
+end unless ``--keep``).
 
     python bench/classify.py [--sizes 652 2000] [--model FILE] [--batch-size 32] [--threads 0]
 """
@@ -97,14 +99,36 @@ def child(workdir: Path, model: str, device: str, batch_size: int, threads: int)
         raise RuntimeError(f"job ended {outcome!r}")
     r = state.last_result
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    readers = _descendants_peak_rss_mib(os.getpid())  # the reader processes and their fork server
+    state.close_reader_pool()
     engine.dispose()
     return {"slices": r.n_slices, "device": str(loaded.device), "model_version": loaded.version,
             "net_config": loaded.net_config, "input": f"{loaded.preprocess.channels}x{loaded.preprocess.size}^2 "
             f"at {loaded.preprocess.pixel_mm} mm", "threads": threads or os.cpu_count(),
             "batch_size": cfg.worker.batch_size, "model_load_s": load_s, "end_to_end_s": wall,
             "slices_per_s": r.n_slices / wall, "timings": r.timings.to_dict(), "dominant": r.timings.dominant(),
-            "rss_before_job_mib": rss_before, "peak_rss_mib": peak,
+            "rss_before_job_mib": rss_before, "peak_rss_mib": peak, "reader_processes_peak_rss_mib": readers,
             "regions": [f"{g.region}[{g.first_position}-{g.last_position}]" for g in r.regions]}
+
+
+def _descendants_peak_rss_mib(pid: int) -> list[float]:
+    """Peak RSS (VmHWM) of every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    out, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    hwm = next(line for line in Path(f"/proc/{child}/status").read_text().splitlines()
+                               if line.startswith("VmHWM:"))
+                except (OSError, StopIteration):
+                    continue
+                out.append(int(hwm.split()[1]) / 1024)
+                todo.append(child)
+    return out
 
 
 def default_model(workdir: Path) -> tuple[str, str]:
@@ -166,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"{f['slices_per_s']:.1f} slices/s  (model load {f['model_load_s']:.2f} s, not per series)")
                 print(f"    model {f['model_version']}, input {f['input']}, widths {f['net_config'].get('widths')}, "
                       f"threads {f['threads']}, batch {f['batch_size']}")
-                print(f"    stages: headers {t['headers_s']:.2f} s | read+decode {t['read_decode_s']:.2f} s and "
-                      f"preprocess {t['preprocess_s']:.2f} s (reader threads, overlapped) | infer {t['infer_s']:.2f} s "
+                print(f"    stages: one read of each file (headers + probabilities) {t['headers_s']:.2f} s | "
+                      f"read+decode {t['read_decode_s']:.2f} s and "
+                      f"preprocess {t['preprocess_s']:.2f} s (readers, overlapped) | infer {t['infer_s']:.2f} s "
                       f"| waiting for decode {t['wait_s']:.2f} s | regions {t['regions_s']:.3f} s | store "
                       f"{t['store_s']:.2f} s")
+                readers = f["reader_processes_peak_rss_mib"]
                 print(f"    dominant stage: {f['dominant']}; peak RSS {f['peak_rss_mib']:.0f} MiB "
-                      f"(after imports + model load: {f['rss_before_job_mib']:.0f} MiB)")
+                      f"(after imports + model load: {f['rss_before_job_mib']:.0f} MiB); {len(readers)} reader "
+                      f"process(es) below it (readers, fork server, resource tracker): {sum(readers):.0f} MiB "
+                      "peak in all")
                 print(f"    regions: {' '.join(f['regions'])}")
     finally:
         if args.keep:

@@ -15,12 +15,12 @@ import multiprocessing as mp
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 
 from dicomnode.config import Config
 from dicomnode.db.session import make_engine, make_sessionmaker, open_index
+from dicomnode.lifetime import die_with_parent
 from dicomnode.logconfig import setup_logging
 from dicomnode.receive.recovery import recover_at_start
 
@@ -38,27 +38,6 @@ def listener_processes(cfg: Config) -> int:
     return cfg.listener.processes or max(1, min(4, 2 * (os.cpu_count() or 1)))
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to send this process SIGTERM when its parent dies (PR_SET_PDEATHSIG), even by SIGKILL.
-
-    Elsewhere (or if prctl fails) the listener's ppid watch below is the only check. A parent that
-    died before the call is caught by comparing the ppid afterwards.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-                log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); relying on the parent watch",
-                            ctypes.get_errno())
-        except (OSError, AttributeError) as exc:
-            log.warning("prctl(PR_SET_PDEATHSIG) unavailable (%s); relying on the parent watch", exc)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
 #: Seconds a listener process waits for its server to shut down before it exits anyway.
 _SHUTDOWN_GRACE_S = 5.0
 
@@ -75,7 +54,7 @@ def _listener_main(cfg: Config, listening: socket.socket, slot: int, counts, par
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     setup_logging(cfg.log_level)
-    _die_with_parent(parent)
+    die_with_parent(parent)
     from dicomnode.receive.association_limit import AssociationSlots
     from dicomnode.receive.ingest import NodeContext
     from dicomnode.receive.listener import start_listener
@@ -125,7 +104,7 @@ def _worker_main(cfg: Config, parent: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     setup_logging(cfg.log_level)
-    _die_with_parent(parent)
+    die_with_parent(parent)
     if cfg.worker.nice:
         try:
             os.nice(cfg.worker.nice)
@@ -189,7 +168,11 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> int:
         signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     def start_worker(i: int):
-        proc = spawn.Process(target=_worker_main, args=(cfg, os.getpid()), name=f"dicomnode-worker-{i}", daemon=True)
+        # Not daemonic: a worker has reader processes of its own (queue.worker.WorkerState.reader_pool). It
+        # still never outlives the node: the shutdown below terminates it, PR_SET_PDEATHSIG and the parent
+        # watch end it if the node is killed.
+        proc = spawn.Process(target=_worker_main, args=(cfg, os.getpid()), name=f"dicomnode-worker-{i}",
+                             daemon=False)
         proc.start()
         return proc, time.monotonic()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+import numpy as np
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 
@@ -87,6 +89,43 @@ def start_worker_process(config_path, log_path) -> subprocess.Popen:
 
 def state_for(cfg, sessions, owner="test-worker") -> worker.WorkerState:
     return worker.WorkerState(cfg, sessions, owner, threading.Event())
+
+
+#: worker.batch_size of the two ways a series job reads its files: one batch, read in threads (16 > the
+#: 10 files of the J2K series), or several, read in the worker's reader processes.
+READ_PATHS = {"threads": 16, "reader-processes": 3}
+
+
+def with_batch(cfg, batch_size: int):
+    return dataclasses.replace(cfg, worker=dataclasses.replace(cfg.worker, batch_size=batch_size))
+
+
+def stored_probabilities(sessions) -> np.ndarray:
+    with sessions() as s:
+        return np.array([(r.position, r.p_head or 0.0, r.p_neck, r.p_lungs, r.p_liver, r.p_pelvis, r.p_legs)
+                         for r in s.scalars(select(SliceResult).order_by(SliceResult.position))])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for a reaper that is not ours."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def expire_leases(sessions) -> None:
@@ -184,8 +223,10 @@ def corrupt_j2k(path) -> bytes:
     return bytes(data)
 
 
-def test_pixel_data_that_does_not_decode_fails_at_once_with_the_reason(setup):
+@pytest.mark.parametrize("read_path", READ_PATHS)
+def test_pixel_data_that_does_not_decode_fails_at_once_with_the_reason(setup, read_path):
     _, cfg, sessions, ctx = setup
+    cfg = with_batch(cfg, READ_PATHS[read_path])
     files = sorted(J2K_SERIES.glob("*.dcm"))
     store_files(ctx, files[:5] + [corrupt_j2k(files[5])] + files[6:])
     enqueue_all(sessions)
@@ -199,6 +240,7 @@ def test_pixel_data_that_does_not_decode_fails_at_once_with_the_reason(setup):
         assert series.classification_state == "failed" and series.classification_reason == job.error
     assert count(sessions, SliceResult) == 0
     assert worker.process_next(state) is None
+    state.close_reader_pool()
 
 
 def test_inconsistent_geometry_fails_the_job_not_the_worker(setup):
@@ -219,8 +261,10 @@ def test_inconsistent_geometry_fails_the_job_not_the_worker(setup):
         assert "same position" in s.scalars(select(Series)).one().classification_reason
 
 
-def test_a_transient_error_is_retried_then_failed_after_max_attempts(setup):
+@pytest.mark.parametrize("read_path", READ_PATHS)
+def test_a_transient_error_is_retried_then_failed_after_max_attempts(setup, read_path):
     _, cfg, sessions, ctx = setup
+    cfg = with_batch(cfg, READ_PATHS[read_path])
     store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
     enqueue_all(sessions)
     with sessions() as s:
@@ -232,6 +276,61 @@ def test_a_transient_error_is_retried_then_failed_after_max_attempts(setup):
     assert worker.process_next(state) == "failed"
     job = job_rows(sessions)[0]
     assert job.attempts == 2 and "No such file" in job.error
+    state.close_reader_pool()
+
+
+def test_a_series_read_in_reader_processes_gives_the_results_of_the_read_in_threads(setup):
+    """More files than one batch: the job reads them once each in the worker's reader processes. They come
+    from a fork server, so no runtime is mapped in them (this process has onnxruntime loaded), and what
+    they give is what the read in threads gives."""
+    _, cfg, sessions, ctx = setup
+    store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
+    enqueue_all(sessions)
+    in_threads = state_for(with_batch(cfg, READ_PATHS["threads"]), sessions)
+    assert worker.process_next(in_threads) == "done"
+    assert in_threads._readers is None, "one batch is read without reader processes"
+    read_in_threads = stored_probabilities(sessions)
+
+    state = state_for(with_batch(cfg, READ_PATHS["reader-processes"]), sessions)
+    with sessions() as s:
+        jobs.enqueue_classification(s, s.scalars(select(Series)).one())
+        s.commit()
+    try:
+        assert worker.process_next(state) == "done"
+        readers = [p.pid for p in state.reader_pool()._processes.values()]
+        assert readers and os.getpid() not in readers
+        for pid in readers:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert "onnxruntime" not in maps and "libtorch" not in maps, f"reader {pid} maps a runtime"
+    finally:
+        state.close_reader_pool()
+    assert all(ended(pid) for pid in readers)
+    got = stored_probabilities(sessions)
+    assert got.shape == read_in_threads.shape == (10, 7)
+    np.testing.assert_allclose(got, read_in_threads, atol=1e-6)
+
+
+def test_a_dead_reader_process_leaves_the_rest_to_threads_and_a_new_pool(setup, caplog):
+    _, cfg, sessions, ctx = setup
+    store_files(ctx, sorted(J2K_SERIES.glob("*.dcm")))
+    enqueue_all(sessions)
+    state = state_for(with_batch(cfg, READ_PATHS["reader-processes"]), sessions)
+    pool = state.reader_pool()
+    assert pool.submit(os.getpid).result() != os.getpid()  # a reader process is up
+    for proc in list(pool._processes.values()):
+        os.kill(proc.pid, signal.SIGKILL)
+    try:
+        assert worker.process_next(state) == "done"
+        assert "reader process failed" in caplog.text
+        assert state._readers is None, "the broken pool is dropped"
+        assert count(sessions, SliceResult) == 10
+        with sessions() as s:  # the next job gets new reader processes
+            jobs.enqueue_classification(s, s.scalars(select(Series)).one())
+            s.commit()
+        assert worker.process_next(state) == "done"
+        assert state._readers is not None and state._readers is not pool
+    finally:
+        state.close_reader_pool()
 
 
 def long_series(n_copies: int, salt: str = "") -> list[bytes]:
@@ -278,9 +377,14 @@ def test_a_killed_worker_leaves_the_job_to_be_claimed_after_the_lease(setup, tmp
             return job.state == "running" and f":{proc.pid}:" in job.lease_owner
 
         wait_for(claimed_by_it, "the worker process to claim the job")
-        # It cannot finish: it blocks reading the FIFO. Kill it mid-job, holding the lease.
+        # 60 files in batches of 16: read in the worker's reader processes
+        wait_for(lambda: len(descendants(proc.pid)) >= 2, "the worker's reader processes to start")
+        below = descendants(proc.pid)
+        # It cannot finish: a reader blocks reading the FIFO. Kill the worker mid-job, holding the lease.
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
+        # Its fork server and reader processes end with it, the one blocked on the FIFO too.
+        wait_for(lambda: all(ended(pid) for pid in below), "the killed worker's reader processes to end")
     finally:
         if proc.poll() is None:
             proc.kill()

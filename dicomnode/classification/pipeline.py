@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -402,15 +402,20 @@ class FileScan:
 
     Reading starts when the scan is made: in ``readers`` processes when neither torch nor onnxruntime is
     imported yet (they fork before their thread pools start; ``dicomnode classify`` makes the scan first
-    and loads the model while they read), in threads otherwise. Only chunks in flight are held (at most :data:`SCAN_LOOKAHEAD_BYTES` of resampled
-    slices). The probability of a slice does not depend on its neighbours, so they equal those of
-    :func:`infer_plan` on the ordered series; a slice left out here (multi-frame, out of scope, pixels
-    that do not decode) is met again by :func:`classify_plan`, which reads it or reports why it cannot.
+    and loads the model while they read), in threads otherwise. ``pool``: an executor the caller keeps
+    between scans (the worker's reader processes, started from a fork server and so safe beside a loaded
+    runtime); it is used instead and left running. If a reader process dies, the rest is read in
+    threads and ``pool_broken`` is set. Only chunks in flight are held (at most
+    :data:`SCAN_LOOKAHEAD_BYTES` of resampled slices). The probability of a slice does not depend on its
+    neighbours, so they equal those of :func:`infer_plan` on the ordered series; a slice left out here
+    (multi-frame, out of scope, pixels that do not decode) is met again by :func:`classify_plan`, which
+    reads it or reports why it cannot.
     """
 
     def __init__(self, paths: list[Path], params, batch_size: int = 32, readers: int = 2,
-                 keep_coronal: bool = False) -> None:
+                 keep_coronal: bool = False, pool: Executor | None = None) -> None:
         import sys
+        from concurrent.futures import ProcessPoolExecutor
 
         self.paths = list(paths)
         self.params = params
@@ -421,9 +426,15 @@ class FileScan:
         chunk_bytes = size * params.size * params.size * 4
         self._lookahead = max(2 * self._readers, SCAN_LOOKAHEAD_BYTES // chunk_bytes)
         self._in_flight: deque[tuple[list[Path], Future]] = deque()
-        self.processes = (not {"torch", "onnxruntime"} & set(sys.modules) and hasattr(os, "fork")
-                          and len(self._chunks) > 1)
-        self._pool = self._make_pool(self.processes)
+        self._given_pool = pool
+        self.pool_broken = False
+        if pool is not None:
+            self.processes = isinstance(pool, ProcessPoolExecutor)
+            self._pool = pool
+        else:
+            self.processes = (not {"torch", "onnxruntime"} & set(sys.modules) and hasattr(os, "fork")
+                              and len(self._chunks) > 1)
+            self._pool = self._make_pool(self.processes)
         self._fill()
 
     def _make_pool(self, processes: bool):
@@ -435,14 +446,23 @@ class FileScan:
         return ThreadPoolExecutor(self._readers, thread_name_prefix="dicomnode-scan")
 
     def _fill(self) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
         while self._chunks and len(self._in_flight) < self._lookahead:
-            chunk = self._chunks.popleft()
-            self._in_flight.append((chunk, self._pool.submit(_scan_chunk, chunk, self.params, self.keep_coronal)))
+            chunk = self._chunks[0]
+            try:
+                future = self._pool.submit(_scan_chunk, chunk, self.params, self.keep_coronal)
+            except BrokenProcessPool as exc:  # a reader died before this chunk went out
+                self._to_threads(exc)
+                return
+            self._in_flight.append((self._chunks.popleft(), future))
 
     def _to_threads(self, reason: BaseException) -> None:
         """A reader process died: read what is left (the chunks in flight again) in threads."""
         log.warning("reader process failed (%s: %s); reading on in threads", type(reason).__name__, reason)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.pool_broken = True
+        self._given_pool = None  # broken: the caller makes a new one
         self._chunks.extendleft(reversed([chunk for chunk, _ in self._in_flight]))
         self._in_flight.clear()
         self.processes = False
@@ -455,7 +475,8 @@ class FileScan:
 
         if model.preprocess != self.params:  # read for another model: read again for this one
             self.close()
-            self.__init__(self.paths, model.preprocess, self.batch_size, self._readers, self.keep_coronal)
+            self.__init__(self.paths, model.preprocess, self.batch_size, self._readers, self.keep_coronal,
+                          self._given_pool)
         out = ScannedFiles()
         t_start = time.perf_counter()
         first_file: dict[str, int] = {}  # SOP Instance UID -> position of its first file (group_headers keeps it)
@@ -500,7 +521,8 @@ class FileScan:
         for _, fut in self._in_flight:
             fut.cancel()
         self._in_flight.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not self._given_pool:  # a pool given by the caller stays up for its next scan
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def classify_paths(paths: Iterable[str | os.PathLike[str]], model, min_slices: int = 1, batch_size: int = 32,

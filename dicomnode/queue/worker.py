@@ -43,7 +43,6 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +58,9 @@ from dicomnode.results import runner as results_runner
 from dicomnode.results.jobs import configured as results_configured, enqueue_after_classification
 
 log = logging.getLogger("dicomnode.queue.worker")
+
+#: Reader processes per worker for a series' files (the series job; the early path reads in the worker).
+READER_PROCESSES = 2
 
 
 class LeaseLost(RuntimeError):
@@ -109,6 +111,36 @@ class WorkerState:
     #: ``timings`` include reading the headers and storing the results); for monitoring and benchmarks.
     last_result: object | None = field(default=None, repr=False)
     early: EarlyCache = field(default_factory=EarlyCache, repr=False)
+    _readers: object | None = field(default=None, repr=False)
+
+    def reader_pool(self):
+        """The reader processes that read, decode and preprocess a series' files for this worker (started on
+        first use, kept between jobs), or None where there is no fork server (then threads read).
+
+        They come from a fork server (a fresh interpreter), not forked from this process: a loaded
+        runtime's thread pools are never copied into them, and they never import torch or onnxruntime.
+        They inherit the worker's niceness and end when the worker ends, even killed -9 while a reader is
+        blocked reading a file (:func:`dicomnode.lifetime.exit_with`); their fork server ends after them."""
+        if self._readers is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # No fork server here, or a daemonic process, which may not have children: threads read.
+            if "forkserver" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+                return None
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["dicomnode.classification.pipeline"])
+            from dicomnode.lifetime import exit_with
+
+            self._readers = ProcessPoolExecutor(READER_PROCESSES, mp_context=context, initializer=exit_with,
+                                                initargs=(os.getpid(),))
+        return self._readers
+
+    def close_reader_pool(self) -> None:
+        """Stop the reader processes (a new pool is made when next needed)."""
+        pool, self._readers = self._readers, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def model(self):
         """The classification model (``model.path`` or the shipped default), loaded on first use and
@@ -194,17 +226,43 @@ def _series_files(sessions: sessionmaker[Session], series_id: int) -> tuple[Seri
         return series, instances
 
 
-def _read_all_headers(storage_dir: Path, instances: list[Instance], threads: int = 4,
-                      known: dict[int, object] | None = None):
-    """Headers of the instances' files; those in ``known`` (instance id -> early slice) are not read again."""
-    from dicomnode.classification.imaging.series import read_headers
+def _scan_series(state: WorkerState, instances: list[Instance], known: dict, model, cancel: threading.Event):
+    """Read every stored file of a series that was not classified as it arrived, once each: returns
+    (headers of every file in instance order, probabilities per SOP Instance UID, the read's timings).
+    ``known``: instance id -> early slice (header and probabilities already in memory).
 
-    known = known or {}
+    The files go through a :class:`dicomnode.classification.pipeline.FileScan` (headers and
+    probabilities from one read), on the worker's reader processes when there is more than one batch.
+    A file whose header does not read fails the job with the ValueError of
+    :func:`dicomnode.classification.imaging.series.read_headers`: it names the file and keeps the cause,
+    which tells a missing file (retried) from a broken one (permanent)."""
+    from dicomnode.classification.imaging.series import read_headers
+    from dicomnode.classification.pipeline import FileScan
+
+    cfg = state.cfg
     todo = [inst for inst in instances if inst.id not in known]
-    paths = [storage_dir / inst.path for inst in todo]
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicomnode-headers") as pool:
-        per_file = dict(zip((inst.id for inst in todo), pool.map(read_headers, paths)))
-    return [h for inst in instances for h in ([known[inst.id].header] if inst.id in known else per_file[inst.id])]
+    paths = [cfg.resolved_storage_dir / inst.path for inst in todo]
+    batch = max(1, cfg.worker.batch_size)
+    scan = FileScan(paths, model.preprocess, batch, pool=state.reader_pool() if len(paths) > batch else None)
+    try:
+        scanned = scan.collect(model, cancel)
+    finally:
+        if scan.pool_broken:
+            state.close_reader_pool()
+    per_file = {inst.id: (read_headers(path) if isinstance(hs, str) else hs)
+                for inst, (path, hs) in zip(todo, scanned.headers)}
+    headers = [h for inst in instances for h in ([known[inst.id].header] if inst.id in known else per_file[inst.id])]
+    probabilities = {e.header.sop_instance_uid: e.probabilities for e in known.values()}
+    probabilities.update(scanned.probabilities)
+    return headers, probabilities, scanned.timings
+
+
+def _add_scan_timings(timings, scan) -> None:
+    """Fold the timings of the file read (:func:`_scan_series`) into a series' timings: the pass counts
+    as ``headers_s`` (headers and most probabilities come from it), its stages add to the others."""
+    timings.headers_s += scan.total_s
+    for name in ("read_decode_s", "preprocess_s", "infer_s", "wait_s"):
+        setattr(timings, name, getattr(timings, name) + getattr(scan, name))
 
 
 def classify_arrivals(state: WorkerState) -> int:
@@ -312,8 +370,7 @@ def process_job(state: WorkerState, job: Job) -> str:
                     early = state.early.get(inst, model.version)
                     if early is not None:
                         known[inst.id] = early
-            headers = _read_all_headers(cfg.resolved_storage_dir, instances, known=known)
-            t_headers = time.perf_counter() - t0
+            headers, probabilities, scan_timings = _scan_series(state, instances, known, model, keeper.cancel)
             plan = plan_series(headers, cfg.worker.min_slices)
             if plan.in_scope and any(h.frame is not None for h in plan.slices):
                 plan.skip_reason = ("multi-frame (Enhanced CT) instances: per-frame results are not stored in the "
@@ -324,8 +381,9 @@ def process_job(state: WorkerState, job: Job) -> str:
                 jobs.finish(state.sessions, job.id, state.owner, "skipped", plan.skip_reason)
                 return "skipped"
             result = classify_plan(plan, model, batch_size=cfg.worker.batch_size, cancel=keeper.cancel,
-                                   known={e.header.sop_instance_uid: e.probabilities for e in known.values()})
-            result.timings.headers_s = t_headers
+                                   known=probabilities)
+            _add_scan_timings(result.timings, scan_timings)
+            result.timings.total_s = time.perf_counter() - t0
             ids = {inst.sop_instance_uid: inst.id for inst in instances}
             t0 = time.perf_counter()
             store_results(state.sessions, job.id, state.owner, series.id, result, ids)
@@ -414,6 +472,7 @@ def run(cfg: Config, stop: threading.Event, sessions: sessionmaker[Session] | No
             if outcome is None:
                 stop.wait(cfg.worker.poll_interval_s)
     finally:
+        state.close_reader_pool()
         if engine is not None:
             engine.dispose()
         log.info("worker %s stopped", state.owner)
