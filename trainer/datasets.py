@@ -331,7 +331,7 @@ def read_labels(path: str | Path, include_outside: bool = False, check_files: bo
                                  note=(rec.get("note") or "").strip()))
     if problems:
         raise LabelsError(problems)
-    log.info("%s: %d rows in the five classes, %d outside them left out", lf, len(rows), left_out)
+    log.info("%s: %d rows in the model's classes, %d outside them (e.g. 'other') left out", lf, len(rows), left_out)
     return rows
 
 
