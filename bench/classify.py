@@ -113,21 +113,16 @@ def child(workdir: Path, model: str, device: str, batch_size: int, threads: int)
 
 def _descendants_peak_rss_mib(pid: int) -> list[float]:
     """Peak RSS (VmHWM) of every process below ``pid`` (Linux /proc; empty elsewhere)."""
-    out, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            for child in children:
-                try:
-                    hwm = next(line for line in Path(f"/proc/{child}/status").read_text().splitlines()
-                               if line.startswith("VmHWM:"))
-                except (OSError, StopIteration):
-                    continue
-                out.append(int(hwm.split()[1]) / 1024)
-                todo.append(child)
+    from dicomnode.lifetime import descendants
+
+    out = []
+    for child in descendants(pid):
+        try:
+            hwm = next(line for line in Path(f"/proc/{child}/status").read_text().splitlines()
+                       if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            continue
+        out.append(int(hwm.split()[1]) / 1024)
     return out
 
 

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger("dicomnode.lifetime")
 
@@ -65,3 +66,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # it exists, as another user's
         return True
     return True
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first (Linux /proc; empty elsewhere or once it has ended)."""
+    out, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out

@@ -30,6 +30,7 @@ from dicomnode.classification.model import LoadedModel, OnnxModel, make_untraine
 from dicomnode.db.session import open_index
 from dicomnode.db.clock import db_utcnow
 from dicomnode.queue.stability import mark_stable_series
+from dicomnode.lifetime import descendants
 
 J2K_SERIES = CT_FIXTURES / "series" / "lungpetctdx_a0001_philips_upper_abdomen_kernelB_j2k"
 CHEST = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # 30 real slices
@@ -104,20 +105,6 @@ def stored_probabilities(sessions) -> np.ndarray:
     with sessions() as s:
         return np.array([(r.position, r.p_head or 0.0, r.p_neck, r.p_lungs, r.p_liver, r.p_pelvis, r.p_legs)
                          for r in s.scalars(select(SliceResult).order_by(SliceResult.position))])
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += children
-            todo += children
-    return out
 
 
 def ended(pid: int) -> bool:
