@@ -58,6 +58,14 @@ def exit_with(pid: int) -> None:
     threading.Thread(target=watch, name="dicomnode-exit-with", daemon=True).start()
 
 
+def helper_started(owner: int) -> None:
+    """Initializer of a helper process (a worker's reader): it ends when ``owner`` ends
+    (:func:`exit_with`) and leaves Ctrl-C to the owner, which stops its helpers itself, so that a
+    Ctrl-C in a terminal prints no traceback from each of them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with(owner)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -18,20 +18,22 @@ from conftest import wait_for
 OWNER = textwrap.dedent("""
     import multiprocessing, os, sys, time
     from concurrent.futures import ProcessPoolExecutor
-    from dicomnode.lifetime import exit_with
+    from dicomnode.lifetime import helper_started
 
-    def pid_then_block(fifo):
+    def started_then_block(marks, fifo):
+        open(os.path.join(marks, str(os.getpid())), "w").close()  # the initializer has run
         if fifo:
             open(fifo, "rb").read()  # blocks in open(): no writer ever comes
         time.sleep(3600)
 
     if __name__ == "__main__":
+        marks, fifo = sys.argv[1], sys.argv[2]
         context = multiprocessing.get_context("forkserver")
-        pool = ProcessPoolExecutor(2, mp_context=context, initializer=exit_with, initargs=(os.getpid(),))
-        pool.submit(pid_then_block, sys.argv[1]); pool.submit(pid_then_block, "")
-        while len(pool._processes) < 2:
+        pool = ProcessPoolExecutor(2, mp_context=context, initializer=helper_started, initargs=(os.getpid(),))
+        pool.submit(started_then_block, marks, fifo); pool.submit(started_then_block, marks, "")
+        while len(os.listdir(marks)) < 2:
             time.sleep(0.05)
-        print(" ".join(str(p) for p in pool._processes), flush=True)
+        print(" ".join(os.listdir(marks)), flush=True)
         time.sleep(3600)
 """)
 
@@ -44,16 +46,23 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_readers_of_a_fork_server_end_when_their_owner_is_killed(tmp_path):
+def test_readers_of_a_fork_server_ignore_ctrl_c_and_end_when_their_owner_is_killed(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     script = tmp_path / "owner.py"
     script.write_text(OWNER)
-    owner = subprocess.Popen([sys.executable, str(script), str(fifo)], stdout=subprocess.PIPE, text=True,
+    marks = tmp_path / "started"
+    marks.mkdir()
+    owner = subprocess.Popen([sys.executable, str(script), str(marks), str(fifo)], stdout=subprocess.PIPE, text=True,
                              cwd=Path(__file__).resolve().parents[1])
     try:
         readers = [int(p) for p in owner.stdout.readline().split()]
         assert len(readers) == 2 and all(alive(p) for p in readers)
+        # Ctrl-C is the owner's to handle: the readers ignore SIGINT (bit 2 of the ignored-signals mask).
+        for pid in readers:
+            ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("SigIgn:"))
+            assert int(ignored.split()[1], 16) & (1 << (signal.SIGINT - 1)), f"reader {pid} does not ignore SIGINT"
         # Their parent is the fork server, not the owner: PR_SET_PDEATHSIG alone would not reach them.
         assert all(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[2] != str(owner.pid)
                    for p in readers)

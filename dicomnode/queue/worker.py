@@ -120,7 +120,7 @@ class WorkerState:
         They come from a fork server (a fresh interpreter), not forked from this process: a loaded
         runtime's thread pools are never copied into them, and they never import torch or onnxruntime.
         They inherit the worker's niceness and end when the worker ends, even killed -9 while a reader is
-        blocked reading a file (:func:`dicomnode.lifetime.exit_with`); their fork server ends after them."""
+        blocked reading a file (:func:`dicomnode.lifetime.helper_started`); their fork server ends after them."""
         if self._readers is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -130,9 +130,9 @@ class WorkerState:
                 return None
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["dicomnode.classification.pipeline"])
-            from dicomnode.lifetime import exit_with
+            from dicomnode.lifetime import helper_started
 
-            self._readers = ProcessPoolExecutor(READER_PROCESSES, mp_context=context, initializer=exit_with,
+            self._readers = ProcessPoolExecutor(READER_PROCESSES, mp_context=context, initializer=helper_started,
                                                 initargs=(os.getpid(),))
         return self._readers
 
