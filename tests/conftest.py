@@ -52,6 +52,26 @@ def wait_for(condition, what: str = "condition", timeout: float = 90.0, interval
     raise AssertionError(f"{what} not reached within {timeout} s")
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ...), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for a reaper that is not ours (Linux /proc)."""
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] in ("Z", "X")
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of a running process (Linux /proc), None if it is gone."""
+    fields = _proc_stat(pid)
+    return None if fields is None else int(fields[1])
+
+
 def wait_for_echo(port: int, timeout: float = 60.0, called: str = "DICOMNODE", host: str = "127.0.0.1") -> None:
     """Wait until a C-ECHO to ``called`` at host:port succeeds (a node started as a process is ready)."""
     from pynetdicom import AE

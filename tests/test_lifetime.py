@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import parent_pid, process_ended, wait_for
 
 # A process that owns a fork-server pool whose readers are blocked (one on a FIFO nobody writes), as a
 # worker's readers can be: it prints their pids and waits to be killed.
@@ -38,13 +38,6 @@ OWNER = textwrap.dedent("""
 """)
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_readers_of_a_fork_server_ignore_ctrl_c_and_end_when_their_owner_is_killed(tmp_path):
     fifo = tmp_path / "fifo"
@@ -57,16 +50,15 @@ def test_readers_of_a_fork_server_ignore_ctrl_c_and_end_when_their_owner_is_kill
                              cwd=Path(__file__).resolve().parents[1])
     try:
         readers = [int(p) for p in owner.stdout.readline().split()]
-        assert len(readers) == 2 and all(alive(p) for p in readers)
+        assert len(readers) == 2 and not any(process_ended(p) for p in readers)
         # Ctrl-C is the owner's to handle: the readers ignore SIGINT (bit 2 of the ignored-signals mask).
         for pid in readers:
             ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                            if line.startswith("SigIgn:"))
             assert int(ignored.split()[1], 16) & (1 << (signal.SIGINT - 1)), f"reader {pid} does not ignore SIGINT"
         # Their parent is the fork server, not the owner: PR_SET_PDEATHSIG alone would not reach them.
-        assert all(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[2] != str(owner.pid)
-                   for p in readers)
+        assert all(parent_pid(p) != owner.pid for p in readers)
     finally:
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(30)
-    wait_for(lambda: not any(alive(p) for p in readers), "the killed owner's readers to end")
+    wait_for(lambda: all(process_ended(p) for p in readers), "the killed owner's readers to end")

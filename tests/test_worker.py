@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 import numpy as np
+import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 
-from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, stop_node, wait_for, wait_for_echo
+from conftest import (CT_FIXTURES, SHARED_DATA, dcmtk, free_port, parent_pid, process_ended, stop_node, wait_for,
+                      wait_for_echo)
 from dicomnode.queue import jobs, worker
 from dicomnode.config import load_config
 from dicomnode.db.models import Instance, Job, RegionRange, Series, SliceResult, utcnow
@@ -105,14 +106,6 @@ def stored_probabilities(sessions) -> np.ndarray:
     with sessions() as s:
         return np.array([(r.position, r.p_head or 0.0, r.p_neck, r.p_lungs, r.p_liver, r.p_pelvis, r.p_legs)
                          for r in s.scalars(select(SliceResult).order_by(SliceResult.position))])
-
-
-def ended(pid: int) -> bool:
-    """Gone, or a zombie waiting for a reaper that is not ours."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
 
 
 def expire_leases(sessions) -> None:
@@ -291,7 +284,7 @@ def test_a_series_read_in_reader_processes_gives_the_results_of_the_read_in_thre
             assert "onnxruntime" not in maps and "libtorch" not in maps, f"reader {pid} maps a runtime"
     finally:
         state.close_reader_pool()
-    assert all(ended(pid) for pid in readers)
+    assert all(process_ended(pid) for pid in readers)
     got = stored_probabilities(sessions)
     assert got.shape == read_in_threads.shape == (10, 7)
     np.testing.assert_allclose(got, read_in_threads, atol=1e-6)
@@ -364,14 +357,16 @@ def test_a_killed_worker_leaves_the_job_to_be_claimed_after_the_lease(setup, tmp
             return job.state == "running" and f":{proc.pid}:" in job.lease_owner
 
         wait_for(claimed_by_it, "the worker process to claim the job")
-        # 60 files in batches of 16: read in the worker's reader processes
-        wait_for(lambda: len(descendants(proc.pid)) >= 2, "the worker's reader processes to start")
-        below = descendants(proc.pid)
+        def processes_with_readers():  # 60 files in batches of 16: read in reader processes, under a fork server
+            below = descendants(proc.pid)
+            return below if any(parent_pid(pid) not in (None, proc.pid) for pid in below) else None
+
+        below = wait_for(processes_with_readers, "the worker's reader processes to start")
         # It cannot finish: a reader blocks reading the FIFO. Kill the worker mid-job, holding the lease.
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         # Its fork server and reader processes end with it, the one blocked on the FIFO too.
-        wait_for(lambda: all(ended(pid) for pid in below), "the killed worker's reader processes to end")
+        wait_for(lambda: all(process_ended(pid) for pid in below), "the killed worker's reader processes to end")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -125,13 +125,13 @@ class WorkerState:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
+            from dicomnode.lifetime import helper_started
+
             # No fork server here, or a daemonic process, which may not have children: threads read.
             if "forkserver" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
                 return None
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["dicomnode.classification.pipeline"])
-            from dicomnode.lifetime import helper_started
-
             self._readers = ProcessPoolExecutor(READER_PROCESSES, mp_context=context, initializer=helper_started,
                                                 initargs=(os.getpid(),))
         return self._readers
