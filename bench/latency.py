@@ -15,7 +15,11 @@ Printed, with the load average:
 - latency: storescu's exit (its last C-STORE response and the release) -> the first C-FIND answer with
   the regions; median of ``--runs`` (3) series;
 - ingest rate (images/s, storescu's wall time) with the worker and on a second node with ``--no-worker``,
-  the sends interleaved;
+  the sends interleaved, each pair in alternating order, each send after ``os.sync()`` (so that no send
+  pays for the previous one's writeback);
+- the node's CPU seconds per series (all its processes, from the send to the regions), with the worker
+  and without: their difference is what classification costs the machine, a steadier figure than the
+  ingest ratio where the sends are not CPU-bound;
 - the regions equal those of ``dicomnode classify`` (a whole-series classification) of the same files;
 - the pydicom floor: one process reading and decoding (``pixel_array``) every file, single-threaded;
 - the worker's early path (:func:`dicomnode.classification.pipeline.classify_files`, batches of 32)
@@ -188,6 +192,20 @@ def wait_for_regions(port: int, series_uid: str, timeout: float = 300.0) -> tupl
     raise SystemExit(f"no regions for {series_uid} after {timeout:.0f} s")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) that process ``pid`` and every process below it have used so far."""
+    from dicomnode.lifetime import descendants
+
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime (fields 14-17)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def pydicom_floor(files: list[Path]) -> float:
     t0 = time.perf_counter()
     for f in files:
@@ -250,23 +268,38 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted(folders[0][0].glob("*.dcm"))
         mib = sum(f.stat().st_size for f in files) / 2**20
 
-        with_worker, without, latencies, values = [], [], [], []
+        with_worker, without, latencies, values, cpu_with, cpu_without = [], [], [], [], [], []
         (root / "nw").mkdir()
         node, port = start_node(root, worker=True, worker_config=args.worker_config)
         bare, bare_port = start_node(root / "nw", worker=False)
+        def send_with_worker(run: int) -> None:
+            folder, uid = folders[run]
+            cpu0 = tree_cpu_s(node.pid)
+            t_send = send(folder, port)
+            latency, value = wait_for_regions(port, uid)
+            cpu_with.append(tree_cpu_s(node.pid) - cpu0)
+            with_worker.append(args.count / t_send)
+            latencies.append(latency)
+            values.append(value)
+            print(load(f"run {run + 1}: sent in {t_send:.2f} s ({args.count / t_send:.0f} images/s), "
+                       f"regions {value} {latency:.2f} s after storescu's last response"))
+
+        def send_without_worker(run: int) -> None:
+            cpu0 = tree_cpu_s(bare.pid)
+            t_send = send(folders[args.runs + run][0], bare_port)
+            cpu_without.append(tree_cpu_s(bare.pid) - cpu0)
+            without.append(args.count / t_send)
+            print(load(f"run {run + 1}, node without worker: {args.count / t_send:.0f} images/s"))
+
         try:  # interleaved, so that the shared machine's load falls on both alike
             for run in range(args.runs):
-                folder, uid = folders[run]
-                t_send = send(folder, port)
-                latency, value = wait_for_regions(port, uid)
-                with_worker.append(args.count / t_send)
-                latencies.append(latency)
-                values.append(value)
-                print(load(f"run {run + 1}: sent in {t_send:.2f} s ({args.count / t_send:.0f} images/s), "
-                           f"regions {value} {latency:.2f} s after storescu's last response"))
-                t_send = send(folders[args.runs + run][0], bare_port)
-                without.append(args.count / t_send)
-                print(load(f"run {run + 1}, node without worker: {args.count / t_send:.0f} images/s"))
+                # Each pair alternates which node goes first, and every send starts with the page cache
+                # written back (os.sync): otherwise the second send of a pair pays for the first's
+                # 328 MiB of writeback, and the worker's node, always first, looked faster than the other.
+                for send_one in ((send_with_worker, send_without_worker) if run % 2 == 0
+                                 else (send_without_worker, send_with_worker)):
+                    os.sync()
+                    send_one(run)
                 time.sleep(2)  # the next series starts from a quiet node
         finally:
             stop_node(node)
@@ -288,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         print(load(f"ingest {mib:.0f} MiB: {med_with:.0f} images/s with the worker, {med_without:.0f} without "
                    f"(ratio {med_with / med_without:.2f}; per send pair {', '.join(f'{r:.2f}' for r in pairs)}, "
                    f"median {statistics.median(pairs):.2f}; goal >= 0.90)"))
+        print(load(f"node CPU per series (all its processes, send + classification): {statistics.median(cpu_with):.2f} s "
+                   f"with the worker, {statistics.median(cpu_without):.2f} s without (medians; classification "
+                   f"{statistics.median(cpu_with) - statistics.median(cpu_without):.2f} s)"))
         print(f"regions equal to `dicomnode classify` of the same files: {equal and equal_bp} "
               f"({whole['body_parts']})")
         print(load(f"pydicom floor (read + decode {args.count} files, one thread): {floor:.2f} s "

@@ -1,6 +1,8 @@
 """Classify every slice of a series and find its region ranges: the pipeline of the worker and ``dicomnode classify``.
 
-read + decode (pydicom, :mod:`dicomnode.classification.imaging.pixels`) + preprocess (:mod:`dicomnode.classification.imaging.preprocess`)
+read + decode (native little-endian files straight from their bytes,
+:mod:`dicomnode.classification.imaging.native`; every other one with pydicom,
+:mod:`dicomnode.classification.imaging.pixels`) + preprocess (:mod:`dicomnode.classification.imaging.preprocess`)
 run batch by batch in a thread pool, a few batches ahead of the inference that runs in the calling thread,
 so decoding overlaps inference. Only the batches in flight are held in memory (``batch_size`` x
 (``readers`` + ``prefetch``) slices), never the whole float volume, so a 2,000-slice series needs no more
@@ -26,6 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 import pydicom
 
+from dicomnode.classification.imaging.native import read_native_slice
 from dicomnode.classification.imaging.pixels import dataset_to_hu, pixel_spacing_mm
 from dicomnode.classification.imaging.series import SeriesError, SeriesPlan, SliceHeader, plan_series
 from dicomnode.classification.regions import DecodeParams, decode_regions
@@ -155,6 +158,10 @@ def _round(v: float | None, nd: int = 3) -> float | None:
 
 
 def _read_slice(header: SliceHeader) -> tuple[np.ndarray, tuple[float, float] | None]:
+    if header.frame is None:
+        native = read_native_slice(header.path)
+        if native is not None:
+            return native[1], native[0].spacing_mm
     try:
         ds = pydicom.dcmread(str(header.path))
     except Exception as exc:
@@ -351,30 +358,24 @@ def _scan_chunk(paths: list[Path], params, keep_coronal: bool):
     slice that is in scope on its own, (its index in ``paths``, SOP Instance UID, resampled HU (S, S),
     coronal line or None). Never imports torch."""
     from dicomnode.classification.imaging.preprocess import resample_hu
-    from dicomnode.classification.imaging.series import headers_from_dataset, read_headers, scope_reason
+    from dicomnode.classification.imaging.series import scope_reason
 
     t_read = t_prep = 0.0
     headers: list[list[SliceHeader] | str] = []
     decoded: list[tuple[int, str, np.ndarray, np.ndarray | None]] = []
     for i, path in enumerate(paths):
         t0 = time.perf_counter()
-        try:
-            ds = pydicom.dcmread(str(path))
-            hs = headers_from_dataset(ds, path)
-        except Exception:  # perhaps only its pixel data is broken: read the header alone, as group_series does
-            ds = None
-            try:
-                hs = read_headers(path)
-            except ValueError as exc:
-                hs = str(exc)
+        hs, hu, ds = _read_file(path)
         headers.append(hs)
-        if ds is None or isinstance(hs, str) or len(hs) != 1 or hs[0].frame is not None or scope_reason(hs, 1):
+        if isinstance(hs, str) or len(hs) != 1 or hs[0].frame is not None or scope_reason(hs, 1):
             t_read += time.perf_counter() - t0
             continue  # multi-frame, out of scope or unreadable: the series job deals with it
-        try:
-            hu = dataset_to_hu(ds, None)
-        except ValueError as exc:  # the series job reads it again and fails with this reason
-            log.debug("%s not classified in the first pass: %s", path, exc)
+        if hu is None and ds is not None:
+            try:
+                hu = dataset_to_hu(ds, None)
+            except ValueError as exc:  # the series job reads it again and fails with this reason
+                log.debug("%s not classified in the first pass: %s", path, exc)
+        if hu is None:
             t_read += time.perf_counter() - t0
             continue
         t1 = time.perf_counter()
@@ -383,6 +384,26 @@ def _scan_chunk(paths: list[Path], params, keep_coronal: bool):
         t_read += t1 - t0
         t_prep += time.perf_counter() - t1
     return headers, decoded, t_read, t_prep
+
+
+def _read_file(path: Path) -> tuple[list[SliceHeader] | str, np.ndarray | None, pydicom.Dataset | None]:
+    """Read a file once: its headers (or why they cannot be read), and either its HU image (a native
+    little-endian single-frame slice, read straight from its bytes by
+    :mod:`~dicomnode.classification.imaging.native`) or the dataset pydicom read, whose pixels the
+    caller decodes if it needs them (None when only the header could be read)."""
+    from dicomnode.classification.imaging.series import headers_from_dataset, read_headers
+
+    native = read_native_slice(path)
+    if native is not None:
+        return [native[0]], native[1], None
+    try:
+        ds = pydicom.dcmread(str(path))
+        return headers_from_dataset(ds, path), None, ds
+    except Exception:  # perhaps only its pixel data is broken: read the header alone, as group_series does
+        try:
+            return read_headers(path), None, None
+        except ValueError as exc:
+            return str(exc), None, None
 
 
 def _infer_decoded(model, decoded: list[tuple[int, str, np.ndarray, np.ndarray | None]]) -> np.ndarray:

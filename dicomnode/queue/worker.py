@@ -7,7 +7,9 @@ several).
 Between jobs (``worker.early``) the worker classifies slices while their series is still arriving: batches
 of newly indexed CT instances of series in state ``receiving`` are read once each (header and pixels, from
 the files just written, still in the page cache) and inferred; their headers and probabilities are kept in
-memory (:class:`EarlyCache`). When the series completes (:mod:`dicomnode.queue.stability`), its job only
+memory (:class:`EarlyCache`). A full batch (``worker.batch_size``) is followed by the next at once; after a
+partial one the worker waits a poll interval, so that slices still arriving make a fuller batch (a batch of
+one or two costs several times the CPU per slice). When the series completes (:mod:`dicomnode.queue.stability`), its job only
 reads the headers of the slices it does not hold, orders them, classifies what is missing and decodes the
 regions. The cache is an optimisation only: an entry counts only for the same instance row, file and size,
 and a job on another worker (or after a restart) classifies everything itself, with the same result.
@@ -463,7 +465,9 @@ def run(cfg: Config, stop: threading.Event, sessions: sessionmaker[Session] | No
             try:
                 outcome = process_next(state)
                 if outcome is None and cfg.worker.early:
-                    outcome = "early" if classify_arrivals(state) else None
+                    # A full batch: look again at once. A partial one: wait a poll interval, so that the
+                    # slices still arriving make the next batch (small batches cost more CPU per slice).
+                    outcome = "early" if classify_arrivals(state) >= max(1, cfg.worker.batch_size) else None
             except Exception as exc:  # e.g. the database is unreachable: wait and try again
                 if stop.is_set():  # early classification cancelled by the stop
                     break

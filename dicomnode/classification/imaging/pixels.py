@@ -30,7 +30,7 @@ from pydicom.uid import JPEG2000TransferSyntaxes
 
 __all__ = [
     "dataset_to_hu", "pixel_spacing_mm", "slice_normal", "image_orientation", "image_position", "rescale",
-    "display_turn", "turn_to_display", "number_of_frames", "read_hu", "source_name",
+    "display_turn", "turn_to_display", "number_of_frames", "read_hu", "source_name", "stored_to_hu",
 ]
 
 
@@ -223,7 +223,12 @@ def dataset_to_hu(ds: Dataset, frame: int | None = None) -> np.ndarray:
     Raises ``ValueError`` naming the file and what is wrong when the pixels cannot be decoded or an
     attribute needed is malformed.
     """
-    arr = _decode(ds, frame)
+    return stored_to_hu(_decode(ds, frame), ds, frame)
+
+
+def stored_to_hu(arr: np.ndarray, ds: Dataset, frame: int | None = None) -> np.ndarray:
+    """Stored pixel values ``arr`` (rows, columns) of ``ds`` as float32 HU (the modality LUT), turned to
+    display orientation: the part of :func:`dataset_to_hu` after decoding."""
     slope, intercept = rescale(ds, frame)
     hu = arr.astype(np.float32)
     if slope != 1.0:

@@ -1,0 +1,257 @@
+"""Read an uncompressed little-endian CT slice straight from its bytes: its slice header and its HU pixels.
+
+The files a PACS sends are mostly native (Implicit or Explicit VR Little Endian, as the node stores them),
+and for those pydicom's full parse (every element of the file made a ``DataElement``, then its pixel
+backends) costs several times what the classifier needs. :func:`read_native_slice` walks the top-level
+elements up to Pixel Data once, keeps the ~20 it needs as raw bytes, converts those and views the pixels
+with numpy. The header then goes through :func:`~dicomnode.classification.imaging.series.headers_from_dataset`
+and the pixels through :func:`~dicomnode.classification.imaging.pixels.stored_to_hu`, the code the pydicom
+path runs, so the result is the same :class:`SliceHeader` and the same HU array
+(``tests/test_native.py`` compares both paths on every real file of ``../shared/data/ct``).
+
+Anything this reader is not sure of gives ``None``, and the caller reads the file with pydicom as
+before: another transfer syntax (compressed, big endian, deflate), a multi-frame or enhanced image,
+colour or float pixels, a value that is empty, not plain ASCII or not strictly numeric, a tag out of
+order, a Pixel Data length that differs from Rows x Columns x Bits Allocated, a truncated or malformed
+file. So errors are still reported with pydicom's reasons, and nothing here raises on bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from dicomnode.classification.imaging.pixels import stored_to_hu
+from dicomnode.classification.imaging.series import SliceHeader, headers_from_dataset
+
+__all__ = ["read_native_slice", "NATIVE_LITTLE_ENDIAN"]
+
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+#: The transfer syntaxes this reader handles; every other one goes through pydicom.
+NATIVE_LITTLE_ENDIAN = frozenset({_IMPLICIT_LE, _EXPLICIT_LE})
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+_MAX_DEPTH = 16
+#: Larger files (multi-frame, most likely) go to pydicom unread: a single 4096 x 4096 16-bit slice is 32 MiB.
+MAX_FILE_BYTES = 64 << 20
+
+# keyword -> kind of value, by tag; every other element before Pixel Data is skipped unread.
+_WANTED: dict[int, tuple[str, str]] = {
+    0x00080008: ("ImageType", "cs"),
+    0x00080016: ("SOPClassUID", "ui"),
+    0x00080018: ("SOPInstanceUID", "ui"),
+    0x00080060: ("Modality", "cs"),
+    0x00181164: ("ImagerPixelSpacing", "ds"),
+    0x0020000E: ("SeriesInstanceUID", "ui"),
+    0x00200013: ("InstanceNumber", "is"),
+    0x00200032: ("ImagePositionPatient", "ds"),
+    0x00200037: ("ImageOrientationPatient", "ds"),
+    0x00280002: ("SamplesPerPixel", "us"),
+    0x00280004: ("PhotometricInterpretation", "cs"),
+    0x00280008: ("NumberOfFrames", "is"),
+    0x00280010: ("Rows", "us"),
+    0x00280011: ("Columns", "us"),
+    0x00280030: ("PixelSpacing", "ds"),
+    0x00280100: ("BitsAllocated", "us"),
+    0x00280101: ("BitsStored", "us"),
+    0x00280103: ("PixelRepresentation", "us"),
+    0x00281052: ("RescaleIntercept", "ds"),
+    0x00281053: ("RescaleSlope", "ds"),
+}
+#: Elements whose presence sends the file to pydicom (functional groups of enhanced images, float pixels).
+_NOT_HANDLED = frozenset({0x52009229, 0x52009230, 0x7FE00001, 0x7FE00002, 0x7FE00008, 0x7FE00009})
+_REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "BitsAllocated", "BitsStored",
+             "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation")
+
+_UID = re.compile(r"[0-9.]+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DTYPES = {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.dtype("<u2"), (16, 1): np.dtype("<i2")}
+
+
+class _NotHandled(Exception):
+    """The file is not one this reader is sure of: the caller uses pydicom."""
+
+
+class _Values(dict):
+    """Keyword -> value, as pydicom gives them, for the header and HU functions (``ds.get`` and ``filename``)."""
+
+    filename: str = ""
+
+
+def read_native_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray] | None:
+    """(slice header, HU image in display orientation) of a single-frame native little-endian CT file, or
+    ``None`` when the file must be read with pydicom (see the module docstring). Never raises on bad input."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_FILE_BYTES:
+                return None
+            buf = f.read()
+        values, pixels = _scan(buf)
+        values.filename = str(path)
+        header = headers_from_dataset(values, Path(path))[0]
+        return header, stored_to_hu(_stored_pixels(values, pixels), values, None)
+    except (_NotHandled, ValueError, IndexError, struct.error, OSError):
+        return None
+
+
+def _transfer_syntax(buf: bytes) -> tuple[int, str]:
+    """(offset of the dataset, Transfer Syntax UID) from the file meta group (explicit VR little endian)."""
+    if len(buf) < 132 or buf[128:132] != b"DICM":
+        raise _NotHandled("not a Part 10 file")
+    pos, syntax = 132, ""
+    while pos + 8 <= len(buf):
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        if group != 0x0002:
+            return pos, syntax
+        if buf[pos + 4:pos + 6] in _LONG_VRS:
+            length, pos = struct.unpack_from("<L", buf, pos + 8)[0], pos + 12
+        else:
+            length, pos = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+        if elem == 0x0010:
+            syntax = buf[pos:pos + length].decode("ascii", "replace").rstrip("\x00 ")
+        pos += length
+    raise _NotHandled("file meta information is truncated")
+
+
+_IMPLICIT_HEADER = struct.Struct("<HHL")  # group, element, 4-byte length
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
+_LONG_LENGTH = struct.Struct("<L")
+
+
+def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None, value length, value offset) of the element at ``pos``."""
+    if implicit:
+        group, elem, length = _IMPLICIT_HEADER.unpack_from(buf, pos)
+        return group << 16 | elem, None, length, pos + 8
+    group, elem, vr, length = _EXPLICIT_HEADER.unpack_from(buf, pos)
+    if group == 0xFFFE:  # item and delimiter tags have no VR in any syntax
+        return group << 16 | elem, None, _LONG_LENGTH.unpack_from(buf, pos + 4)[0], pos + 8
+    if vr in _LONG_VRS:
+        return group << 16 | elem, vr, _LONG_LENGTH.unpack_from(buf, pos + 8)[0], pos + 12
+    if not (vr.isalpha() and vr.isupper()):
+        raise _NotHandled(f"element ({group:04X},{elem:04X}) has no valid explicit VR")
+    return group << 16 | elem, vr, length, pos + 8
+
+
+def _skip_items(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
+    """Offset after an undefined-length value that starts at ``pos`` (items, or fragments, then the delimiter)."""
+    if depth > _MAX_DEPTH:
+        raise _NotHandled("sequences nested too deep")
+    while True:
+        tag, _, length, pos = _element(buf, pos, True)
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _NotHandled("an undefined-length value holds something other than items")
+        pos = _skip_elements(buf, pos, implicit, depth + 1) if length == _UNDEFINED else pos + length
+        if pos > len(buf):
+            raise _NotHandled("an item runs past the end of the file")
+
+
+def _skip_elements(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
+    """Offset after an undefined-length item's elements and its delimiter."""
+    while True:
+        tag, vr, length, pos = _element(buf, pos, implicit)
+        if tag == _ITEM_END:
+            return pos
+        if length == _UNDEFINED:  # a sequence; an undefined-length UN holds implicit VR (PS3.5 6.2.2)
+            pos = _skip_items(buf, pos, implicit or vr == b"UN", depth)
+        else:
+            pos += length
+        if pos > len(buf):
+            raise _NotHandled("an element runs past the end of the file")
+
+
+def _scan(buf: bytes) -> tuple[_Values, memoryview]:
+    """The wanted values and the Pixel Data bytes of a native little-endian file."""
+    pos, syntax = _transfer_syntax(buf)
+    if syntax not in NATIVE_LITTLE_ENDIAN:
+        raise _NotHandled(f"transfer syntax {syntax!r}")
+    implicit = syntax == _IMPLICIT_LE
+    values = _Values()
+    last_tag = -1
+    end = len(buf)
+    while True:
+        if pos + 8 > end:
+            raise _NotHandled("no Pixel Data")
+        tag, vr, length, value_pos = _element(buf, pos, implicit)
+        if tag <= last_tag or tag in _NOT_HANDLED or tag > _PIXEL_DATA:
+            raise _NotHandled(f"tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order or not handled")
+        last_tag = tag
+        if length == _UNDEFINED:
+            if tag in _WANTED or tag == _PIXEL_DATA:
+                raise _NotHandled("a wanted value or Pixel Data has an undefined length")
+            pos = _skip_items(buf, value_pos, implicit or vr == b"UN", 0)
+            continue
+        if value_pos + length > end:
+            raise _NotHandled("an element runs past the end of the file")
+        if tag == _PIXEL_DATA:
+            break
+        wanted = _WANTED.get(tag)
+        if wanted is not None:
+            keyword, kind = wanted
+            values[keyword] = _value(buf[value_pos:value_pos + length], kind, vr)
+        pos = value_pos + length
+    missing = [k for k in _REQUIRED if k not in values]
+    if missing:
+        raise _NotHandled(f"missing {', '.join(missing)}")
+    return values, memoryview(buf)[value_pos:value_pos + length]
+
+
+def _value(raw: bytes, kind: str, vr: bytes | None) -> object:
+    """A value as pydicom gives it, for plain values only (anything else: :class:`_NotHandled`)."""
+    if vr is not None and vr.decode("ascii").lower() != kind:
+        raise _NotHandled(f"a value of VR {vr!r} where {kind.upper()} is expected")
+    if kind == "us":
+        if len(raw) != 2:
+            raise _NotHandled("an unsigned short that is not 2 bytes")
+        return struct.unpack("<H", raw)[0]
+    if not raw.isascii() or b"\x1b" in raw:
+        raise _NotHandled("a value that is not plain ASCII")
+    text = raw.decode("ascii")
+    if text[-1:] in ("\x00", " "):  # the one padding byte of an odd-length value
+        text = text[:-1]
+    items = text.split("\\")
+    if kind in ("ui", "cs"):  # plain tokens only, so that no rule of stripping can differ
+        if any(not t or t != t.strip() for t in items):
+            raise _NotHandled("an empty or space-padded code string or UID")
+        if kind == "cs":
+            return items if len(items) > 1 else items[0]
+        if len(items) != 1 or not _UID.fullmatch(items[0]):
+            raise _NotHandled("a UID that is not one plain value")
+        return items[0]
+    if kind == "is":
+        if len(items) != 1 or not _INTEGER.fullmatch(items[0].strip()):
+            raise _NotHandled("an integer string that is not one plain integer")
+        return int(items[0])
+    numbers = [float(t) for t in items]  # "ds": what pydicom's DSfloat does with the text (ValueError if empty)
+    return numbers if len(numbers) > 1 else numbers[0]
+
+
+def _stored_pixels(values: _Values, pixels: memoryview) -> np.ndarray:
+    """The stored values (rows, columns) as pydicom's native decoder gives them (unused high bits corrected)."""
+    rows, columns = values["Rows"], values["Columns"]
+    allocated, stored, representation = values["BitsAllocated"], values["BitsStored"], values["PixelRepresentation"]
+    if values.get("NumberOfFrames", 1) != 1 or values["SamplesPerPixel"] != 1:
+        raise _NotHandled("not a single-frame monochrome image")
+    if values["PhotometricInterpretation"] not in ("MONOCHROME1", "MONOCHROME2"):
+        raise _NotHandled("not MONOCHROME1/2")
+    dtype = _DTYPES.get((allocated, representation))
+    if dtype is None or not 1 <= stored <= allocated or rows < 1 or columns < 1:
+        raise _NotHandled("pixel attributes this reader does not handle")
+    count = rows * columns
+    if len(pixels) != count * (allocated // 8):
+        raise _NotHandled("Pixel Data length differs from Rows x Columns x Bits Allocated")
+    arr = np.frombuffer(pixels, dtype=dtype, count=count).reshape(rows, columns)
+    if stored < allocated:
+        shift = allocated - stored
+        arr = np.right_shift(np.left_shift(arr, shift), shift)
+    return arr
