@@ -98,7 +98,7 @@ def read_native_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray] | None
         values.filename = str(path)
         header = headers_from_dataset(values, Path(path))[0]
         return header, stored_to_hu(_stored_pixels(values, pixels), values, None)
-    except (_NotHandled, ValueError, IndexError, struct.error, OSError):
+    except (_NotHandled, ValueError, KeyError, TypeError, IndexError, struct.error, OSError):
         return None
 
 
