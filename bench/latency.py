@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         (root / "nw").mkdir()
         node, port = start_node(root, worker=True, worker_config=args.worker_config)
         bare, bare_port = start_node(root / "nw", worker=False)
+
         def send_with_worker(run: int) -> None:
             folder, uid = folders[run]
             cpu0 = tree_cpu_s(node.pid)
@@ -294,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         try:  # interleaved, so that the shared machine's load falls on both alike
             for run in range(args.runs):
                 # Each pair alternates which node goes first, and every send starts with the page cache
-                # written back (os.sync): otherwise the second send of a pair pays for the first's
-                # 328 MiB of writeback, and the worker's node, always first, looked faster than the other.
+                # written back (os.sync), so that the second send of a pair does not pay for the first's
+                # 328 MiB of writeback.
                 for send_one in ((send_with_worker, send_without_worker) if run % 2 == 0
                                  else (send_without_worker, send_with_worker)):
                     os.sync()

@@ -8,8 +8,8 @@ Between jobs (``worker.early``) the worker classifies slices while their series 
 of newly indexed CT instances of series in state ``receiving`` are read once each (header and pixels, from
 the files just written, still in the page cache) and inferred; their headers and probabilities are kept in
 memory (:class:`EarlyCache`). A full batch (``worker.batch_size``) is followed by the next at once; after a
-partial one the worker waits a poll interval, so that slices still arriving make a fuller batch (a batch of
-one or two costs several times the CPU per slice). When the series completes (:mod:`dicomnode.queue.stability`), its job only
+partial one the worker waits a poll interval, so that slices still arriving make a fuller batch (each look
+costs index queries, and one slice inferred at a time costs ~30% more CPU per slice). When the series completes (:mod:`dicomnode.queue.stability`), its job only
 reads the headers of the slices it does not hold, orders them, classifies what is missing and decodes the
 regions. The cache is an optimisation only: an entry counts only for the same instance row, file and size,
 and a job on another worker (or after a restart) classifies everything itself, with the same result.
