@@ -3,8 +3,9 @@
 The files a PACS sends are mostly native (Implicit or Explicit VR Little Endian, as the node stores them),
 and for those pydicom's full parse (every element of the file made a ``DataElement``, then its pixel
 backends) costs several times what the classifier needs. :func:`read_native_slice` walks the top-level
-elements up to Pixel Data once, keeps the ~20 it needs as raw bytes, converts those and views the pixels
-with numpy. The header then goes through :func:`~dicomnode.classification.imaging.series.headers_from_dataset`
+elements up to Pixel Data once (the file meta and any undefined-length sequence with the receive path's
+structure walker, :mod:`dicomnode.receive.dataset_check`), keeps the ~20 it needs as raw bytes, converts
+those and views the pixels with numpy. The header then goes through :func:`~dicomnode.classification.imaging.series.headers_from_dataset`
 and the pixels through :func:`~dicomnode.classification.imaging.pixels.stored_to_hu`, the code the pydicom
 path runs, so the result is the same :class:`SliceHeader` and the same HU array
 (``tests/test_native.py`` compares both paths on every real file of ``../shared/data/ct``).
@@ -27,19 +28,15 @@ import numpy as np
 
 from dicomnode.classification.imaging.pixels import stored_to_hu
 from dicomnode.classification.imaging.series import SliceHeader, headers_from_dataset
+from dicomnode.receive.dataset_check import IMPLICIT_LE, LONG_VRS, UNDEFINED_LENGTH, _Walker, file_meta_info
 
 __all__ = ["read_native_slice", "NATIVE_LITTLE_ENDIAN"]
 
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-#: The transfer syntaxes this reader handles; every other one goes through pydicom.
-NATIVE_LITTLE_ENDIAN = frozenset({_IMPLICIT_LE, _EXPLICIT_LE})
+#: The transfer syntaxes this reader handles (Implicit, Explicit VR Little Endian); every other one goes
+#: through pydicom.
+NATIVE_LITTLE_ENDIAN = frozenset({IMPLICIT_LE, "1.2.840.10008.1.2.1"})
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
-_MAX_DEPTH = 16
 #: Larger files (multi-frame, most likely) go to pydicom unread: a single 4096 x 4096 16-bit slice is 32 MiB.
 MAX_FILE_BYTES = 64 << 20
 
@@ -102,25 +99,6 @@ def read_native_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray] | None
         return None
 
 
-def _transfer_syntax(buf: bytes) -> tuple[int, str]:
-    """(offset of the dataset, Transfer Syntax UID) from the file meta group (explicit VR little endian)."""
-    if len(buf) < 132 or buf[128:132] != b"DICM":
-        raise _NotHandled("not a Part 10 file")
-    pos, syntax = 132, ""
-    while pos + 8 <= len(buf):
-        group, elem = struct.unpack_from("<HH", buf, pos)
-        if group != 0x0002:
-            return pos, syntax
-        if buf[pos + 4:pos + 6] in _LONG_VRS:
-            length, pos = struct.unpack_from("<L", buf, pos + 8)[0], pos + 12
-        else:
-            length, pos = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
-        if elem == 0x0010:
-            syntax = buf[pos:pos + length].decode("ascii", "replace").rstrip("\x00 ")
-        pos += length
-    raise _NotHandled("file meta information is truncated")
-
-
 _IMPLICIT_HEADER = struct.Struct("<HHL")  # group, element, 4-byte length
 _EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
 _LONG_LENGTH = struct.Struct("<L")
@@ -132,50 +110,19 @@ def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, i
         group, elem, length = _IMPLICIT_HEADER.unpack_from(buf, pos)
         return group << 16 | elem, None, length, pos + 8
     group, elem, vr, length = _EXPLICIT_HEADER.unpack_from(buf, pos)
-    if group == 0xFFFE:  # item and delimiter tags have no VR in any syntax
-        return group << 16 | elem, None, _LONG_LENGTH.unpack_from(buf, pos + 4)[0], pos + 8
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return group << 16 | elem, vr, _LONG_LENGTH.unpack_from(buf, pos + 8)[0], pos + 12
     if not (vr.isalpha() and vr.isupper()):
         raise _NotHandled(f"element ({group:04X},{elem:04X}) has no valid explicit VR")
     return group << 16 | elem, vr, length, pos + 8
 
 
-def _skip_items(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
-    """Offset after an undefined-length value that starts at ``pos`` (items, or fragments, then the delimiter)."""
-    if depth > _MAX_DEPTH:
-        raise _NotHandled("sequences nested too deep")
-    while True:
-        tag, _, length, pos = _element(buf, pos, True)
-        if tag == _SEQUENCE_END:
-            return pos
-        if tag != _ITEM:
-            raise _NotHandled("an undefined-length value holds something other than items")
-        pos = _skip_elements(buf, pos, implicit, depth + 1) if length == _UNDEFINED else pos + length
-        if pos > len(buf):
-            raise _NotHandled("an item runs past the end of the file")
-
-
-def _skip_elements(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
-    """Offset after an undefined-length item's elements and its delimiter."""
-    while True:
-        tag, vr, length, pos = _element(buf, pos, implicit)
-        if tag == _ITEM_END:
-            return pos
-        if length == _UNDEFINED:  # a sequence; an undefined-length UN holds implicit VR (PS3.5 6.2.2)
-            pos = _skip_items(buf, pos, implicit or vr == b"UN", depth)
-        else:
-            pos += length
-        if pos > len(buf):
-            raise _NotHandled("an element runs past the end of the file")
-
-
 def _scan(buf: bytes) -> tuple[_Values, memoryview]:
     """The wanted values and the Pixel Data bytes of a native little-endian file."""
-    pos, syntax = _transfer_syntax(buf)
+    pos, syntax = file_meta_info(buf)
     if syntax not in NATIVE_LITTLE_ENDIAN:
         raise _NotHandled(f"transfer syntax {syntax!r}")
-    implicit = syntax == _IMPLICIT_LE
+    implicit = syntax == IMPLICIT_LE
     values = _Values()
     last_tag = -1
     end = len(buf)
@@ -186,10 +133,11 @@ def _scan(buf: bytes) -> tuple[_Values, memoryview]:
         if tag <= last_tag or tag in _NOT_HANDLED or tag > _PIXEL_DATA:
             raise _NotHandled(f"tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order or not handled")
         last_tag = tag
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
             if tag in _WANTED or tag == _PIXEL_DATA:
                 raise _NotHandled("a wanted value or Pixel Data has an undefined length")
-            pos = _skip_items(buf, value_pos, implicit or vr == b"UN", 0)
+            # a sequence: skipped by the receive path's structure walker, as its header reader does
+            pos = _Walker(buf, explicit=not implicit, little=True).items(value_pos, tag, 0)
             continue
         if value_pos + length > end:
             raise _NotHandled("an element runs past the end of the file")
