@@ -42,3 +42,35 @@ def test_non_ascii_text_is_decoded_with_its_character_set(tmp_path):
     buf = BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
     assert read_header(buf.getvalue()).study_description == "Tórax"
+
+
+NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+NOT_WALKED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")  # deflate, big endian: the readers use pydicom
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if p.parent.name == "slices"], ids=lambda p: p.name)
+def test_top_level_walk_meets_every_element_pydicom_reads(path):
+    """The one element walk of the header reader and the native slice reader: the same top-level tags,
+    VRs, lengths and offsets that pydicom finds, sequences of undefined length included and stepped over."""
+    import pydicom
+
+    from dicomnode.receive.dataset_check import UNDEFINED_LENGTH, file_meta_info, top_level_elements
+
+    data = path.read_bytes()
+    offset, syntax = file_meta_info(data)
+    if syntax in NOT_WALKED:
+        pytest.skip(f"{syntax}: deflated or big endian, read by pydicom only")
+    ds = pydicom.dcmread(path, defer_size=0)
+    expected = [(int(e.tag), e.VR) for e in ds]  # top level, file order
+    walked = list(top_level_elements(data, offset, syntax == NATIVE_LE[0]))  # encapsulated Pixel Data too
+    assert [t for t, *_ in walked] == [t for t, _ in expected]
+    for (tag, vr, length, value_pos), (_, pd_vr) in zip(walked, expected):
+        if vr is not None:  # pydicom gives UN elements the VR of its dictionary
+            assert vr.decode() in (pd_vr, "UN")
+        if length != UNDEFINED_LENGTH:
+            assert value_pos + length <= len(data)
+    # an explicit VR of two lower-case letters is refused by name, not walked as garbage
+    if syntax != NATIVE_LE[0]:
+        broken = data[:offset + 4] + b"xx" + data[offset + 6:]  # the VR of the first element
+        with pytest.raises(ValueError, match=r"no valid explicit VR"):
+            list(top_level_elements(broken, offset, False))

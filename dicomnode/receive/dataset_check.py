@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import Iterator
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -172,6 +173,46 @@ class _Walker:
                 raise IncompleteDataset(f"encapsulated pixel data holds {_tag_str(item_tag)} at byte {pos - 8}")
             self._need(pos, length, "pixel data fragment")
             pos += length
+
+
+_IMPLICIT_HEADER = struct.Struct("<HHL")  # group, element, 4-byte length
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
+_LONG_LENGTH = struct.Struct("<L")
+
+
+def top_level_elements(buf: bytes, pos: int, implicit: bool) -> Iterator[tuple[int, bytes | None, int, int]]:
+    """``(tag, VR, value length, value offset)`` of each top-level element of a little-endian dataset.
+
+    The walk starts at ``pos`` (the first element after the file meta group) and goes in file order until
+    fewer than 8 bytes remain or the caller stops; the VR is None in Implicit VR. An element of undefined
+    length (a sequence, an undefined-length UN, encapsulated Pixel Data) is yielded with
+    ``UNDEFINED_LENGTH`` and then skipped past its delimiter. A defined length is yielded as it is written: the caller checks that
+    ``value offset + length`` fits. Raises ``ValueError`` for an explicit VR that is not two upper-case
+    letters, :class:`IncompleteDataset` for a sequence cut short and ``struct.error`` for a long-VR
+    header cut short.
+    """
+    end = len(buf)
+    walker = None
+    while pos + 8 <= end:
+        if implicit:
+            group, elem, length = _IMPLICIT_HEADER.unpack_from(buf, pos)
+            vr, value_pos = None, pos + 8
+        else:
+            group, elem, vr, length = _EXPLICIT_HEADER.unpack_from(buf, pos)
+            if vr in LONG_VRS:
+                length, value_pos = _LONG_LENGTH.unpack_from(buf, pos + 8)[0], pos + 12
+            elif vr.isalpha() and vr.isupper():
+                value_pos = pos + 8
+            else:
+                raise ValueError(f"element {_tag_str(group << 16 | elem)} at byte {pos} has no valid explicit VR")
+        tag = group << 16 | elem
+        yield tag, vr, length, value_pos
+        if length == UNDEFINED_LENGTH:
+            if walker is None:
+                walker = _Walker(buf, explicit=not implicit, little=True)
+            pos = walker.fragments(value_pos, tag) if tag == _PIXEL_DATA else walker.items(value_pos, tag, 0)
+        else:
+            pos = value_pos + length
 
 
 def check_complete(dataset: bytes | memoryview, transfer_syntax_uid: str) -> None:

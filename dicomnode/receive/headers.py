@@ -15,13 +15,12 @@ from dicomnode.receive.dataset_check import (
     DEFLATED,
     EXPLICIT_BE,
     IMPLICIT_LE,
-    LONG_VRS,
     UNDEFINED_LENGTH,
     IncompleteDataset,
-    _Walker,
     check_complete,
     dataset_offset,
     file_meta_info,
+    top_level_elements,
 )
 from dicomnode.receive.storage import validate_uid
 
@@ -209,35 +208,16 @@ def _scan_header(encoded: bytes) -> tuple[dict, str, int] | None:
     implicit = ts == IMPLICIT_LE
     raw: dict = {}
     end = len(encoded)
-    pos = offset
-    while pos + 8 <= end:
-        group, elem = struct.unpack_from("<HH", encoded, pos)
-        tag = group << 16 | elem
+    for tag, vr, length, value_pos in top_level_elements(encoded, offset, implicit):
         if tag > _LAST_TAG:
             break
-        vr = None if implicit else encoded[pos + 4:pos + 6]
-        if vr is None:
-            length = struct.unpack_from("<L", encoded, pos + 4)[0]
-            value_pos = pos + 8
-        elif vr in LONG_VRS:
-            length = struct.unpack_from("<L", encoded, pos + 8)[0]
-            value_pos = pos + 12
-        elif vr.isalpha() and vr.isupper():
-            length = struct.unpack_from("<H", encoded, pos + 6)[0]
-            value_pos = pos + 8
-        else:
-            return None  # implicit VR inside explicit: let pydicom sort it out
-        if length == UNDEFINED_LENGTH:
-            if tag in _TAG_NUMBERS:
-                return None
-            pos = _Walker(encoded, explicit=not implicit, little=True).items(value_pos, tag, 0)
-            continue
-        if value_pos + length > end:
-            return None
         if tag in _TAG_NUMBERS:
+            if length == UNDEFINED_LENGTH or value_pos + length > end:
+                return None
             raw[Tag(tag)] = RawDataElement(Tag(tag), None if vr is None else vr.decode("ascii"), length,
                                           encoded[value_pos:value_pos + length], value_pos, implicit, True)
-        pos = value_pos + length
+        elif length != UNDEFINED_LENGTH and value_pos + length > end:
+            return None
     return raw, ts, offset
 
 

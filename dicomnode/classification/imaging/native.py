@@ -3,9 +3,9 @@
 The files a PACS sends are mostly native (Implicit or Explicit VR Little Endian, as the node stores them),
 and for those pydicom's full parse (every element of the file made a ``DataElement``, then its pixel
 backends) costs several times what the classifier needs. :func:`read_native_slice` walks the top-level
-elements up to Pixel Data once (the file meta and any undefined-length sequence with the receive path's
-structure walker, :mod:`dicomnode.receive.dataset_check`), keeps the ~20 it needs as raw bytes, converts
-those and views the pixels with numpy. The header then goes through :func:`~dicomnode.classification.imaging.series.headers_from_dataset`
+elements up to Pixel Data once, with the walker the receive path's header reader uses
+(:func:`dicomnode.receive.dataset_check.top_level_elements`), keeps the ~20 it needs as raw bytes,
+converts those and views the pixels with numpy. The header then goes through :func:`~dicomnode.classification.imaging.series.headers_from_dataset`
 and the pixels through :func:`~dicomnode.classification.imaging.pixels.stored_to_hu`, the code the pydicom
 path runs, so the result is the same :class:`SliceHeader` and the same HU array
 (``tests/test_native.py`` compares both paths on every real file of ``../shared/data/ct``).
@@ -28,7 +28,7 @@ import numpy as np
 
 from dicomnode.classification.imaging.pixels import stored_to_hu
 from dicomnode.classification.imaging.series import SliceHeader, headers_from_dataset
-from dicomnode.receive.dataset_check import IMPLICIT_LE, LONG_VRS, UNDEFINED_LENGTH, _Walker, file_meta_info
+from dicomnode.receive.dataset_check import IMPLICIT_LE, UNDEFINED_LENGTH, file_meta_info, top_level_elements
 
 __all__ = ["read_native_slice", "NATIVE_LITTLE_ENDIAN"]
 
@@ -99,59 +99,38 @@ def read_native_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray] | None
         return None
 
 
-_IMPLICIT_HEADER = struct.Struct("<HHL")  # group, element, 4-byte length
-_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
-_LONG_LENGTH = struct.Struct("<L")
-
-
-def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
-    """(tag, VR or None, value length, value offset) of the element at ``pos``."""
-    if implicit:
-        group, elem, length = _IMPLICIT_HEADER.unpack_from(buf, pos)
-        return group << 16 | elem, None, length, pos + 8
-    group, elem, vr, length = _EXPLICIT_HEADER.unpack_from(buf, pos)
-    if vr in LONG_VRS:
-        return group << 16 | elem, vr, _LONG_LENGTH.unpack_from(buf, pos + 8)[0], pos + 12
-    if not (vr.isalpha() and vr.isupper()):
-        raise _NotHandled(f"element ({group:04X},{elem:04X}) has no valid explicit VR")
-    return group << 16 | elem, vr, length, pos + 8
-
-
 def _scan(buf: bytes) -> tuple[_Values, memoryview]:
     """The wanted values and the Pixel Data bytes of a native little-endian file."""
     pos, syntax = file_meta_info(buf)
     if syntax not in NATIVE_LITTLE_ENDIAN:
         raise _NotHandled(f"transfer syntax {syntax!r}")
-    implicit = syntax == IMPLICIT_LE
     values = _Values()
     last_tag = -1
     end = len(buf)
-    while True:
-        if pos + 8 > end:
-            raise _NotHandled("no Pixel Data")
-        tag, vr, length, value_pos = _element(buf, pos, implicit)
+    pixels = None
+    for tag, vr, length, value_pos in top_level_elements(buf, pos, syntax == IMPLICIT_LE):
         if tag <= last_tag or tag in _NOT_HANDLED or tag > _PIXEL_DATA:
             raise _NotHandled(f"tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order or not handled")
         last_tag = tag
         if length == UNDEFINED_LENGTH:
             if tag in _WANTED or tag == _PIXEL_DATA:
                 raise _NotHandled("a wanted value or Pixel Data has an undefined length")
-            # a sequence: skipped by the receive path's structure walker, as its header reader does
-            pos = _Walker(buf, explicit=not implicit, little=True).items(value_pos, tag, 0)
-            continue
+            continue  # a sequence: the walker skips it, as for the receive path's header reader
         if value_pos + length > end:
             raise _NotHandled("an element runs past the end of the file")
         if tag == _PIXEL_DATA:
+            pixels = memoryview(buf)[value_pos:value_pos + length]
             break
         wanted = _WANTED.get(tag)
         if wanted is not None:
             keyword, kind = wanted
             values[keyword] = _value(buf[value_pos:value_pos + length], kind, vr)
-        pos = value_pos + length
+    if pixels is None:
+        raise _NotHandled("no Pixel Data")
     missing = [k for k in _REQUIRED if k not in values]
     if missing:
         raise _NotHandled(f"missing {', '.join(missing)}")
-    return values, memoryview(buf)[value_pos:value_pos + length]
+    return values, pixels
 
 
 def _value(raw: bytes, kind: str, vr: bytes | None) -> object:
