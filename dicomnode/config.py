@@ -341,6 +341,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'listener.processes': must be 0 (automatic) or more")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("config key 'worker.max_attempts': must be at least 1")
+    if cfg.worker.batch_size < 1:
+        raise ConfigError("config key 'worker.batch_size': must be at least 1")
     if not 0 <= cfg.worker.nice <= 19:
         raise ConfigError("config key 'worker.nice': must be between 0 and 19")
     if cfg.worker.processes < 0 or cfg.worker.release_grace_s < 0:

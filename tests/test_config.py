@@ -42,6 +42,7 @@ def test_yaml_and_overrides(tmp_path):
     ("worker:\n  enabled: yes please\n", "worker.enabled"),
     ("ae_title: 'MUCH TOO LONG AE TITLE'\n", "ae_title"),
     ("port: 70000\n", "port"),
+    ("worker:\n  batch_size: 0\n", "worker.batch_size"),
 ])
 def test_bad_keys_are_named(tmp_path, text, key):
     path = tmp_path / "c.yaml"

@@ -244,7 +244,7 @@ def _scan_series(state: WorkerState, instances: list[Instance], known: dict, mod
     cfg = state.cfg
     todo = [inst for inst in instances if inst.id not in known]
     paths = [cfg.resolved_storage_dir / inst.path for inst in todo]
-    batch = max(1, cfg.worker.batch_size)
+    batch = cfg.worker.batch_size
     scan = FileScan(paths, model.preprocess, batch, pool=state.reader_pool() if len(paths) > batch else None)
     try:
         scanned = scan.collect(model, cancel)
@@ -278,7 +278,7 @@ def classify_arrivals(state: WorkerState) -> int:
         rows = list(s.scalars(
             select(Instance).join(Series, Series.id == Instance.series_fk)
             .where(Instance.id > cache.watermark, Series.state == "receiving", Series.modality == "CT")
-            .order_by(Instance.id).limit(max(1, cfg.worker.batch_size))))
+            .order_by(Instance.id).limit(cfg.worker.batch_size)))
         if not rows:  # move the watermark past rows of other series, so the next look starts later
             top = s.scalar(select(Instance.id).order_by(Instance.id.desc()).limit(1))
             cache.watermark = max(cache.watermark, top or 0)
@@ -467,7 +467,7 @@ def run(cfg: Config, stop: threading.Event, sessions: sessionmaker[Session] | No
                 if outcome is None and cfg.worker.early:
                     # A full batch: look again at once. A partial one: wait a poll interval, so that the
                     # slices still arriving make the next batch (small batches cost more CPU per slice).
-                    outcome = "early" if classify_arrivals(state) >= max(1, cfg.worker.batch_size) else None
+                    outcome = "early" if classify_arrivals(state) >= cfg.worker.batch_size else None
             except Exception as exc:  # e.g. the database is unreachable: wait and try again
                 if stop.is_set():  # early classification cancelled by the stop
                     break
