@@ -168,7 +168,7 @@ def test_field_augment_flips_quantizes_and_is_deterministic(body_hu):
     from trainer.augment import FieldParams, augment_field_of_view, quantize_8bit
 
     batch = body_hu[None].repeat(8, 1, 1)
-    flip_only = FieldParams(crop_prob=0.0, flip_prob=1.0, quantize_prob=0.0)
+    flip_only = FieldParams(crop_prob=0.0, flip_prob=1.0, quantize_prob=0.0, kernel_prob=0.0)
     assert torch.equal(augment_field_of_view(batch, torch.Generator().manual_seed(0), flip_only), batch.flip(-1))
     q = quantize_8bit(batch)
     assert len(q.unique()) <= 256 and float((q - batch.clamp(-1024, 3071)).abs().max()) <= 4095 / 255 / 2 + 1e-3
@@ -183,11 +183,47 @@ def test_field_augment_flips_quantizes_and_is_deterministic(body_hu):
         augment_field_of_view(batch[0], torch.Generator(), mixed)
 
 
+def test_random_kernel_blurs_or_sharpens_flagged_slices_only(body_hu):
+    from trainer.augment import FieldParams, augment_field_of_view, gaussian_blur, random_kernel
+
+    batch = body_hu[None].repeat(8, 1, 1)
+    # a blur keeps the mean of a slice whose border is air, lowers its high frequencies and spreads an edge
+    sig = torch.tensor([0.5, 1.0] + [1.0] * 6)
+    blurred = gaussian_blur(batch, sig)
+    assert blurred.shape == batch.shape
+    assert torch.allclose(blurred.mean((1, 2)), batch.mean((1, 2)), rtol=1e-4)
+
+    def roughness(x: torch.Tensor) -> float:
+        return float((x[:, 1:] - x[:, :-1]).abs().mean())
+
+    assert roughness(blurred[1]) < roughness(blurred[0]) < roughness(batch[0])
+    impulse = torch.full((1, 15, 15), 0.0)
+    impulse[0, 7, 7] = 1.0
+    k = gaussian_blur(impulse, torch.tensor([1.0]))[0]
+    assert abs(float(k.sum()) - 1.0) < 1e-5 and torch.allclose(k, k.T, atol=1e-7) and torch.allclose(k, k.flip(0))
+    assert abs(float(k[7, 8] / k[7, 7]) - float(torch.exp(torch.tensor(-0.5)))) < 1e-4  # sigma 1 pixel
+    which = torch.tensor([True, True, True, True, True, True, False, False])
+    params = FieldParams()
+    out = random_kernel(batch, which, torch.Generator().manual_seed(0), params)
+    assert torch.equal(out[6:], batch[6:])  # unflagged slices untouched
+    changed = [roughness(out[i]) / roughness(batch[i]) for i in range(6)]
+    assert any(r < 0.95 for r in changed) and any(r > 1.05 for r in changed)  # some blurred, some sharpened
+    assert torch.equal(batch, body_hu[None].repeat(8, 1, 1))  # the input is not changed in place
+    kernel_only = FieldParams(crop_prob=0.0, flip_prob=0.0, quantize_prob=0.0, kernel_prob=1.0)
+    a = augment_field_of_view(batch, torch.Generator().manual_seed(4), kernel_only)
+    assert torch.equal(a, augment_field_of_view(batch, torch.Generator().manual_seed(4), kernel_only))
+    assert all(not torch.equal(a[i], batch[i]) for i in range(8))
+    with pytest.raises(ValueError, match="kernel_prob"):
+        FieldParams(kernel_prob=-0.1)
+    with pytest.raises(ValueError, match="blur_sigma_max"):
+        FieldParams(blur_sigma_max=0.1)
+
+
 def test_only_croppable_slices_are_cropped(body_hu):
     from trainer.augment import FieldParams, augment_field_of_view
 
     batch = body_hu[None].repeat(4, 1, 1)
-    params = FieldParams(crop_prob=1.0, crop_min=3, crop_max=4, flip_prob=0.0, quantize_prob=0.0)
+    params = FieldParams(crop_prob=1.0, crop_min=3, crop_max=4, flip_prob=0.0, quantize_prob=0.0, kernel_prob=0.0)
     croppable = torch.tensor([True, False, True, False])
     out = augment_field_of_view(batch, torch.Generator().manual_seed(0), params, croppable=croppable)
     assert torch.equal(out[1], batch[1]) and torch.equal(out[3], batch[3])

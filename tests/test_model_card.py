@@ -80,3 +80,14 @@ def test_card_shows_input_kinds_five_class_view_cross_source_and_series(tmp_path
     data = json.loads((tmp_path / "card" / "MODEL_CARD.json").read_text())
     assert "volumes" not in data["series_evaluations"]["val"]  # the card keeps the summary only
     assert data["cross_source"][0]["n"] == metrics["per_source"]["ct/series"]["n"]
+    # a later card keeps the earlier rows it does not measure again, and replaces the ones it does
+    old_card = tmp_path / "card" / "MODEL_CARD.json"
+    rc = main(["--model", str(ckpt), "--out", str(tmp_path / "card2"), "--evaluation", f"ct={ev}",
+               "--cross-source", f"ct/|ct/ DICOM again|={ev}", "--cross-source-from", str(old_card)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "card2" / "MODEL_CARD.json").read_text())["cross_source"]
+    assert [(r["trained_without"], r["tested_on"]) for r in rows] == [("ct/", "ct/ DICOM again"),
+                                                                      ("openkbp/", "head slices")]
+    assert rows[0]["n"] == metrics["n"]
+    with pytest.raises(SystemExit):
+        main(["--model", str(ckpt), "--out", str(tmp_path / "card3"), "--cross-source-from", str(tmp_path / "no")])

@@ -118,6 +118,52 @@ def test_resume_continues_and_seed_makes_runs_repeatable(tiny_labels, tmp_path):
     assert int(state["epoch"]) == 2
 
 
+def test_val_fraction_zero_trains_every_patient_for_all_epochs_and_keeps_the_last(tiny_labels, tmp_path, capsys):
+    out = tmp_path / "refit"
+    # patience 1 would stop a run with a validation split early; without one every epoch runs
+    assert main(_args(tiny_labels, out, "--epochs", "3", "--patience", "1", "--val-fraction", "0")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "train_report.json").read_text())
+    assert len(report["history"]) == 3 and report["best_epoch"] == 3
+    assert all(h["val_error"] is None for h in report["history"])
+    assert report["validation"] is None and report["data"]["validation"]["slices"] == 0
+    assert report["data"]["split"]["val_patients"] == 0
+    assert report["data"]["train"]["slices"] == len(ds.read_labels(tiny_labels))
+    # the checkpoint is the last epoch's net: the training state holds the same weights
+    m = load_model(out, device="cpu")
+    assert m.version == printed["version"] == report["version"]
+    state = torch.load(out / STATE_NAME, weights_only=True)
+    assert int(state["epoch"]) == 2
+    net_state = m.net.state_dict()
+    assert all(torch.equal(v, net_state[k]) for k, v in state["net"].items())
+    # such a model has no validation split to evaluate on, and evaluate says so
+    assert main(["evaluate", "--model", str(out), "--split", "validation"]) == 2
+    assert "no validation split" in capsys.readouterr().err
+
+
+def test_average_last_epochs_is_the_model_with_batchnorm_recomputed(tiny_labels, tmp_path):
+    settings = TrainSettings(labels=[str(tiny_labels)], out=str(tmp_path / "avg"), epochs=3, per_class=8, batch_size=8,
+                             val_fraction=0.34, seed=5, deterministic=True, progress=False, patience=100, threads=1,
+                             average_last=2, net_config=json.loads(TINY_NET), preprocess=json.loads(TINY_PRE))
+    report = train(settings)
+    assert report["averaged_epochs"] == [2, 3] and report["best_epoch"] == 3
+    assert report["validation"]["n"] == report["data"]["validation"]["slices"]  # the average is evaluated
+    state = torch.load(tmp_path / "avg" / STATE_NAME, weights_only=True)
+    assert int(state["averaged"]) == 2
+    model = load_model(tmp_path / "avg", device="cpu")
+    assert model.version == report["version"]
+    weights = model.net.state_dict()
+    last = state["net"]  # the weights after epoch 3
+    for k, total in state["average"].items():
+        assert torch.allclose(weights[k].double(), total / 2, atol=1e-6), k
+    assert any(not torch.equal(weights[k], last[k]) for k in state["average"])  # not just the last epoch
+    means = [k for k in weights if k.endswith("running_mean")]
+    # statistics recomputed on training inputs: neither the fresh net's zeros nor the last epoch's
+    assert means and all(float(weights[k].abs().sum()) > 0 and not torch.equal(weights[k], last[k]) for k in means)
+    with pytest.raises(ValueError, match="average_last"):
+        train(TrainSettings(**{**settings.__dict__, "out": str(tmp_path / "bad"), "average_last": 4}))
+
+
 def test_class_balanced_sampling_and_boundary_rows(tiny_labels):
     from trainer.train import class_pools, sample_epoch
 

@@ -91,17 +91,19 @@ def _per_kind_lines(metrics: Mapping[str, Any]) -> list[str]:
 
 
 def _cross_source_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = ["| trained without | tested on | slices | patients | error | mean AUC | per class error (slices, patients) |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| trained without | tested on | slices | patients | error | mean AUC | per class error (slices, patients) "
+             "| model measured |", "|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         if r.get("not_possible"):
-            lines.append(f"| {r['trained_without']} | {r.get('tested_on', '-')} | - | - | - | - | {r['not_possible']} |")
+            lines.append(f"| {r['trained_without']} | {r.get('tested_on', '-')} | - | - | - | - | {r['not_possible']} "
+                         "| - |")
             continue
         per = "; ".join(f"{c} {_fmt(None if a is None else 1 - a)} ({r['class_counts'].get(c, 0)}, "
                         f"{r['patients_per_class'].get(c, 0)})"
                         for c, a in r.get("accuracy", {}).items() if r["class_counts"].get(c))
         lines.append(f"| {r['trained_without']} | {r['tested_on']} | {r['n']} | {r.get('patients', '-')} | "
-                     f"{_fmt(r.get('error'), 4)} | {_fmt(r.get('mean_auc'), 4)} | {per} |")
+                     f"{_fmt(r.get('error'), 4)} | {_fmt(r.get('mean_auc'), 4)} | {per} | "
+                     f"`{r.get('model_version') or '-'}` |")
     return lines
 
 
@@ -345,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="a cross-source row: the evaluation JSON of a model trained without WITHOUT, on TESTED_ON; "
                          "SOURCE picks its per_source / per_input_kind entry (empty: the whole evaluation); "
                          "'WITHOUT|TESTED_ON|=not possible: reason' records why a source cannot be held out")
+    ap.add_argument("--cross-source-from", metavar="CARD_JSON",
+                    help="keep the cross-source rows of an earlier card (MODEL_CARD.json) whose trained-without "
+                         "source no --cross-source row gives again; each kept row says which model it measured")
     ap.add_argument("--cross-source-note", metavar="TEXT", help="a paragraph above the cross-source table")
     ap.add_argument("--series-evaluation", action="append", default=[], metavar="NAME=JSON",
                     help="output of dicomnode evaluate --series --json; repeatable")
@@ -379,7 +384,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     card = build_card(model, evaluations, args.name, comparison, figures)
     if args.compare_note:
         card["augmentation_comparison_note"] = args.compare_note
-    card["cross_source"] = [cross_source_row(item) for item in args.cross_source]
+    rows = [cross_source_row(item) for item in args.cross_source]
+    if args.cross_source_from:
+        fresh = {r["trained_without"] for r in rows}
+        try:
+            earlier = json.loads(Path(args.cross_source_from).read_text()).get("cross_source") or []
+        except (OSError, ValueError) as exc:
+            ap.error(f"--cross-source-from {args.cross_source_from}: {exc}")
+        rows += [r for r in earlier if r.get("trained_without") not in fresh]
+    card["cross_source"] = rows
     if args.cross_source_note:
         card["cross_source_note"] = args.cross_source_note
     series = {}

@@ -29,7 +29,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ class TrainSettings:
     exclude_sources: list[str] = field(default_factory=list)  # subgroups left out, e.g. "extra/nifti/ibsi_sts"
     field_augment: bool = True  # field-of-view crops, flips, 8-bit quantisation (trainer.augment.FieldParams)
     zoom_prob: float = 0.15
+    average_last: int = 0  # >0: the model is the weight average of the last N epochs (BatchNorm recomputed)
     deterministic: bool = False
     dry_run: bool = False
     dry_run_batches: int = 3
@@ -314,6 +315,42 @@ def learning_rate(peak: float, progress: float, warmup: float = 0.05, floor: flo
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _add_weights(total: dict[str, torch.Tensor] | None, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``total`` plus the floating-point weights of ``net`` (float64 on the CPU; BatchNorm statistics and
+    counters are left out: they are recomputed for the average)."""
+    weights = {k: v.detach().to("cpu", torch.float64) for k, v in net.state_dict().items()
+               if v.is_floating_point() and not k.endswith(("running_mean", "running_var"))}
+    if total is None:
+        return weights
+    return {k: total[k] + v for k, v in weights.items()}
+
+
+def _averaged_net(net_config: dict[str, Any], total: dict[str, torch.Tensor], n: int,
+                  device: torch.device) -> torch.nn.Module:
+    net = build_net(net_config)
+    state = net.state_dict()
+    state.update({k: (v / n).to(state[k].dtype) for k, v in total.items()})
+    net.load_state_dict(state)
+    return net.to(device)
+
+
+def recompute_batchnorm(net: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Set every BatchNorm's running statistics to the plain average over ``batches`` (training inputs):
+    the statistics of averaged weights are not the average of the epochs' statistics."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    with torch.no_grad():
+        for x in batches:
+            net(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.eval()
+
+
 def _version(net: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in net.state_dict().items():
@@ -360,6 +397,12 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     start_epoch, bad_epochs = 0, 0
+    average_from = epochs - settings.average_last if settings.average_last > 0 else None
+    average: dict[str, torch.Tensor] | None = None  # running sum of the weights of the epochs averaged
+    averaged = 0
+    if settings.average_last < 0 or settings.average_last > epochs:
+        raise ValueError(f"average_last must be between 0 and the number of epochs ({epochs}), "
+                         f"got {settings.average_last}")
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         net.load_state_dict(st["net"])
@@ -371,6 +414,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         history = json.loads(st["history"])
         best = json.loads(st["best"]) if st["best"] else None
         start_epoch, bad_epochs = int(st["epoch"]) + 1, int(st["bad_epochs"])
+        average, averaged = (st.get("average") or None), int(st.get("averaged", 0))
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
     augment = _augmenter() if settings.augment else None
     field = None
@@ -378,6 +422,10 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         from trainer.augment import FieldParams
 
         field = FieldParams()
+    refit = not data.val_rows
+    if refit:  # --val-fraction 0: no patient is held out, so there is nothing to choose an epoch on
+        log.info("no validation split (val_fraction %s): training all %d epochs; the model is the last epoch",
+                 settings.val_fraction, epochs)
     pools = class_pools(data.train_rows)
     unknown = torch.tensor([r.kind == "image" for r in data.train_rows], dtype=torch.bool)  # no pixel spacing
     val_rows, val_hu = data.val_rows, data.val_hu
@@ -387,8 +435,14 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     train_time = 0.0
     from tqdm import tqdm
 
+    def training_inputs(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The augmented net inputs of training rows ``rows`` drawn for classes ``targets``."""
+        x = make_inputs(data.train_hu[rows], params, gen, settings.clip_prob, settings.intensity_jitter,
+                        unknown[rows], field, settings.zoom_prob, targets).to(device)
+        return augment(x, gen) if augment is not None else x
+
     for epoch in range(start_epoch, epochs):
-        if bad_epochs >= settings.patience:
+        if not refit and bad_epochs >= settings.patience:
             log.info("early stop: no improvement for %d epochs", bad_epochs)
             break
         if budget_s > 0 and elapsed >= budget_s:
@@ -405,11 +459,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
                    disable=not settings.progress)
         for b in bar:
             sl = slice(b * settings.batch_size, (b + 1) * settings.batch_size)
-            x = make_inputs(data.train_hu[idx[sl]], params, gen, settings.clip_prob, settings.intensity_jitter,
-                            unknown[idx[sl]], field, settings.zoom_prob, tgt[sl])
-            x = x.to(device)
-            if augment is not None:
-                x = augment(x, gen)
+            x = training_inputs(idx[sl], tgt[sl])
             y = tgt[sl].to(device)
             logits = net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
@@ -427,30 +477,58 @@ def train(settings: TrainSettings) -> dict[str, Any]:
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
-        metrics = evaluate_rows(net, val_rows, val_hu, params, device)
+        if average_from is not None and epoch >= average_from:
+            average, averaged = _add_weights(average, net), averaged + 1
+        metrics = None if refit else evaluate_rows(net, val_rows, val_hu, params, device)
         train_time += time.time() - te
         elapsed += time.time() - te
         rec = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "train_acc": correct / max(seen, 1),
-               "val_error": metrics["error"], "val_balanced_error": metrics["balanced_error"],
-               "val_nll": metrics["nll"], "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - te, 1)}
+               "val_error": metrics["error"] if metrics else None,
+               "val_balanced_error": metrics["balanced_error"] if metrics else None,
+               "val_nll": metrics["nll"] if metrics else None,
+               "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - te, 1)}
         history.append(rec)
-        score = (metrics["balanced_error"] if metrics["balanced_error"] is not None else 1.0, metrics["nll"] or 0.0)
-        improved = best is None or tuple(score) < tuple(best["score"])
+        if refit:
+            improved, score = True, None  # every epoch replaces the model; the last one stays
+        else:
+            score = [metrics["balanced_error"] if metrics["balanced_error"] is not None else 1.0,
+                     metrics["nll"] or 0.0]
+            improved = best is None or score < list(best["score"])
         if improved:
             bad_epochs = 0
             version = _version(net)
-            best = {"epoch": epoch + 1, "score": list(score), "version": version, "metrics": metrics}
+            best = {"epoch": epoch + 1, "score": score, "version": version, "metrics": metrics}
             save_checkpoint(out / MODEL_NAME, net, net_config, params, version,
                             extra={"training": _training_facts(settings, data.summary, best, history)})
         else:
             bad_epochs += 1
-        log.info("epoch %d: loss %.3f, val error %.4f, balanced %.4f, nll %.3f%s (%.0f s)", epoch + 1,
-                 rec["train_loss"], rec["val_error"] or 0, rec["val_balanced_error"] or 0, rec["val_nll"] or 0,
-                 " *" if improved else "", rec["seconds"])
+        if refit:
+            log.info("epoch %d: loss %.3f, no validation (%.0f s)", epoch + 1, rec["train_loss"], rec["seconds"])
+        else:
+            log.info("epoch %d: loss %.3f, val error %.4f, balanced %.4f, nll %.3f%s (%.0f s)", epoch + 1,
+                     rec["train_loss"], rec["val_error"] or 0, rec["val_balanced_error"] or 0, rec["val_nll"] or 0,
+                     " *" if improved else "", rec["seconds"])
         _save_state(state_path, {"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                                  "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
                                  "bad_epochs": bad_epochs, "history": json.dumps(history),
-                                 "best": json.dumps(best) if best else ""})
+                                 "best": json.dumps(best) if best else "",
+                                 "average": average or {}, "averaged": averaged})
+    if average_from is not None:
+        if averaged == settings.average_last:
+            net = _averaged_net(net_config, average, averaged, device)
+            idx, tgt = sample_epoch(pools, settings.per_class, gen)
+            recompute_batchnorm(net, (training_inputs(idx[i:i + settings.batch_size], tgt[i:i + settings.batch_size])
+                                      for i in range(0, len(idx), settings.batch_size)))
+            metrics = None if refit else evaluate_rows(net, val_rows, val_hu, params, device)
+            best = {"epoch": len(history), "averaged_epochs": [average_from + 1, epochs], "score": None,
+                    "version": _version(net), "metrics": metrics}
+            save_checkpoint(out / MODEL_NAME, net, net_config, params, best["version"],
+                            extra={"training": _training_facts(settings, data.summary, best, history)})
+            log.info("the model is the weight average of epochs %d-%d%s", average_from + 1, epochs,
+                     "" if refit else f": val error {metrics['error']:.4f}, balanced {metrics['balanced_error']:.4f}")
+        else:
+            log.warning("the run stopped after %d of the last %d epochs that were to be averaged: the model is "
+                        "the best single epoch", averaged, settings.average_last)
     report = _training_facts(settings, data.summary, best, history)
     report["train_seconds_this_run"] = round(train_time, 1)
     report["threads"] = torch.get_num_threads()
@@ -474,6 +552,7 @@ def _training_facts(settings: TrainSettings, summary: dict[str, Any], best: dict
         s["field_augment_params"] = FieldParams().to_dict()
     return {"settings": s, "data": summary,
             "best_epoch": best["epoch"] if best else None,
+            "averaged_epochs": best.get("averaged_epochs") if best else None,
             "version": best["version"] if best else None,
             "validation": best["metrics"] if best else None,
             "history": history}

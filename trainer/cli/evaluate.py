@@ -118,6 +118,9 @@ def select_rows(model, labels: list[str], split: str) -> list:
     settings = training.get("settings") or {}
     if "val_fraction" not in settings or "seed" not in settings:
         raise ValueError(f"model {model.version} has no training record (val_fraction, seed): use --split all")
+    if split == "validation" and float(settings["val_fraction"]) == 0.0:
+        raise ValueError(f"model {model.version} was trained on every patient of its labels files (val_fraction 0): "
+                         "it has no validation split; evaluate it on labels it was not trained on (--split all)")
     files = labels or settings.get("labels") or []
     if not files:
         raise ValueError(f"model {model.version}: no labels files given and none recorded in the checkpoint")

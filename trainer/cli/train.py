@@ -25,7 +25,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     settings = TrainSettings(
         labels=args.labels, out=args.out, epochs=args.epochs, per_class=args.per_class, batch_size=args.batch_size,
         lr=args.lr, val_fraction=args.val_fraction, seed=args.seed, patience=args.patience,
-        max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes, average_last=args.average_last,
         augment=not args.no_augment, field_augment=not args.no_field_augment,
         exclude_sources=list(args.exclude_source or []), deterministic=args.deterministic, dry_run=args.dry_run,
         dry_run_batches=args.dry_run_batches, device=args.device, threads=args.threads,
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     val = report.get("validation") or {}
     summary = {"out": args.out, "version": report.get("version"), "best_epoch": report.get("best_epoch"),
+               "averaged_epochs": report.get("averaged_epochs"),
                "val_error": val.get("error"), "val_balanced_error": val.get("balanced_error"),
                "val_per_class_error": {c: v["error"] for c, v in (val.get("per_class") or {}).items()},
                "train_class_counts": report["data"]["train"]["class_counts"],
@@ -54,10 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=300, help="slices drawn per class per epoch (default 300)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle schedule)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="patients held out for validation (default 0.2)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="patients held out for validation (default 0.2); 0 trains on every patient for exactly "
+                        "--epochs epochs (no early stopping) and keeps the last epoch")
     p.add_argument("--patience", type=int, default=8, help="early stopping: epochs without improvement")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="time budget: the learning rate anneals within it and training stops at it (0: none)")
+    p.add_argument("--average-last", type=int, default=0, metavar="N",
+                   help="the model is the weight average of the last N epochs, BatchNorm statistics recomputed "
+                        "(0: the best epoch on the validation split, or the last one with --val-fraction 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="ask torch for deterministic kernels")
     p.add_argument("--no-augment", action="store_true", help="no translation/rotation/TPS augmentation")
