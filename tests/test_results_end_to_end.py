@@ -18,7 +18,7 @@ from results_data import received_sops, storescp
 from test_end_to_end import status
 from tests.orthanc import ORTHANC, orthanc_server
 
-SERIES = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # neck -> lungs -> liver, 30 slices
+SERIES = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # neck, lungs, lungs|liver; 30 slices
 MARGIN = 1
 
 pytestmark = [

@@ -35,10 +35,15 @@ DEFAULT_LIMITS = [
     "on 12 slices of one volume and about 20 DeepLesion key slices (about 15 patients), too few to train; such "
     "slices are called liver or pelvis. Scouts and reformats were left out of training and get one of the classes.",
     "Real-DICOM neck is the weak spot of the six-class model: on ct/ (never trained on) 3 of 25 neck slices "
-    "are wrong (called pelvis: shoulder slices, whose humeral heads look like hips), and "
-    "the top neck slice of the Siemens chest series gets only neck 0.78 against lungs 0.13 (with the "
-    "earlier decoding cost of 4 nats per switch no neck range opened there; the decoder now charges 2 nats "
-    "to the next region and 2 more per region skipped).",
+    "are wrong, all of one Philips PET/CT series at shoulder level, where the probabilities are near uniform "
+    "(largest 0.24-0.37; called pelvis or lungs). The top slice of the Siemens chest series gets neck 0.75 "
+    "against lungs 0.18, too little for the ordered decoding (2 nats per switch) to open a one-slice neck "
+    "range: that series is tagged LUNG, LIVER, one slice of 30 wrong.",
+    "Most head, neck and lung slices come from one coarse grid (OpenKBP, 3.8-5.4 mm pixels) and most lower-body "
+    "slices from full-resolution sources, so a net can learn sharpness as a sign of the region: the model "
+    "of 2026-12-02 called 17 of 25 ct/ neck slices pelvis after a blur of 1.3x the pixel size. Training now "
+    "blurs or sharpens 40% of the slices (FieldParams.kernel_prob); a site whose kernels or grids differ "
+    "from all the training sources may still see it.",
     "Mining the site's own PACS (`dicomnode mine`, then `dicomnode train`) is the way to a strong model; "
     "this shipped model is a starting point.",
 ]
@@ -292,8 +297,10 @@ def build_card(model: Any, evaluations: Mapping[str, Mapping[str, Any]], name: s
         "architecture": {**model.net_config, "parameters": n_params},
         "preprocessing": model.preprocess.to_dict(),
         "training": {k: settings.get(k) for k in ("epochs", "per_class", "batch_size", "lr", "seed", "augmentation",
-                                                  "clip_prob", "label_smoothing", "val_fraction")
-                     if k in settings} | {"best_epoch": training.get("best_epoch")},
+                                                  "field_augment_params", "clip_prob", "label_smoothing",
+                                                  "val_fraction", "average_last")
+                     if k in settings} | {"best_epoch": training.get("best_epoch"),
+                                          "averaged_epochs": training.get("averaged_epochs")},
         "data_sources": _data_sources(training),
         "split": _split_text(training),
         "train_class_counts": train_summary.get("class_counts") or {},

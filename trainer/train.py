@@ -424,8 +424,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         field = FieldParams()
     refit = not data.val_rows
     if refit:  # --val-fraction 0: no patient is held out, so there is nothing to choose an epoch on
-        log.info("no validation split (val_fraction %s): training all %d epochs; the model is the last epoch",
-                 settings.val_fraction, epochs)
+        log.info("no validation split (val_fraction %s): training all %d epochs; the model is the %s",
+                 settings.val_fraction, epochs,
+                 f"average of the last {settings.average_last}" if settings.average_last else "last epoch")
     pools = class_pools(data.train_rows)
     unknown = torch.tensor([r.kind == "image" for r in data.train_rows], dtype=torch.bool)  # no pixel spacing
     val_rows, val_hu = data.val_rows, data.val_hu
@@ -548,7 +549,7 @@ def _training_facts(settings: TrainSettings, summary: dict[str, Any], best: dict
     if settings.augment and settings.field_augment:
         from trainer.augment import FieldParams
 
-        s["augmentation"] += " + field-of-view crops, left-right flips, 8-bit quantisation"
+        s["augmentation"] += " + field-of-view crops, left-right flips, random kernels, 8-bit quantisation"
         s["field_augment_params"] = FieldParams().to_dict()
     return {"settings": s, "data": summary,
             "best_epoch": best["epoch"] if best else None,
