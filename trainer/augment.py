@@ -231,13 +231,15 @@ class FieldParams:
       (one hip, one leg), and a small crop of a chest slice looks like a neck, which would teach the net
       to doubt the neck at the lung apex.
     - ``flip_prob``: fraction of slices flipped left-right (a one-hip crop may be either hip).
+    - ``quantize_prob``: fraction of slices quantised to 256 grey levels over -1024..3071 HU, as the 8-bit
+      JPEG key slices are (16 HU steps).
     - ``kernel_prob``: fraction of slices given another apparent reconstruction kernel and resolution:
       half of them blurred by a Gaussian of sigma uniform in [0.3, ``blur_sigma_max``] pixels (a softer
       kernel, a coarser grid such as OpenKBP's 4-5 mm), half sharpened by an unsharp mask of amount
       uniform in [0.2, ``sharpen_max``] (a bone kernel). Most head, neck and lung slices come from one
       coarse grid and most lower-body slices from full-resolution sources, so without this the net can
       read the source's sharpness as the region: the model of 2026-12-02 called 17 of 25 real neck slices
-      of ``ct/`` pelvis after a blur of 1.3x the pixel size, and 31 of 100 slices were wrong after a
+      of ``ct/`` pelvis after a blur of 1.3x the pixel size, and 30 of 100 slices were wrong after a
       mild sharpening.
     """
 

@@ -1,7 +1,7 @@
 """How a model's errors change when the images look as if another scanner had made them.
 
-Each labelled slice is resampled as the node does (:func:`~dicomnode.classification.imaging.preprocess.resample_hu`)
-and then changed the way another reconstruction kernel or grid would change it: blurred by shrinking it
+Each labelled slice is resampled as the trainer holds it (:func:`trainer.datasets.load_resampled`: the
+node's ``resample_hu``, rounded to whole HU) and then changed the way another reconstruction kernel or grid would change it: blurred by shrinking it
 to 1/f of its size (area average) and enlarging it back (bilinear), sharpened by an unsharp mask, or
 given Gaussian noise inside the body. The errors per perturbation (a prediction is right when it is one
 of the row's classes, as in ``dicomnode evaluate``) show whether the net reads the image's sharpness as
@@ -17,11 +17,10 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicomnode.classification.imaging.preprocess import resample_hu, windows_to_channels
+from dicomnode.classification.imaging.preprocess import windows_to_channels
 from dicomnode.classification.model import CLASSES, load_model, predict_proba
 
 #: name -> change of body-centred HU (N, S, S); ``gen`` seeds the noise.
@@ -63,18 +62,14 @@ def robustness(model: Any, rows: Sequence[Any], seed: int = 0) -> dict[str, Any]
     :data:`PERTURBATIONS`; rows that cannot be read are listed, not counted."""
     from trainer import datasets as ds
 
-    hus, kept, unreadable = [], [], []
-    for row in rows:
-        try:
-            hu, spacing = ds.load_image(row)
-        except Exception as exc:  # every reader's errors: the row is reported, the rest is measured
-            unreadable.append(f"{row.where}: {type(exc).__name__}: {exc}")
-            continue
-        hus.append(resample_hu(hu, spacing, model.preprocess))
-        kept.append(row)
-    if not kept:
+    # the trainer's reader: one read per NIfTI volume, unreadable rows listed by file:line
+    resampled, unreadable = ds.load_resampled(rows, model.preprocess)
+    bad = {p.split(": cannot read", 1)[0] for p in unreadable}
+    keep = [i for i, r in enumerate(rows) if r.where not in bad]
+    if not keep:
         raise ValueError("none of the rows could be read")
-    base = torch.from_numpy(np.stack(hus)).float()
+    kept = [rows[i] for i in keep]
+    base = torch.from_numpy(resampled[keep]).float()
     out: dict[str, Any] = {"n": len(kept), "model_version": model.version, "unreadable": unreadable,
                            "errors": {}, "wrong": {}}
     for name, change in PERTURBATIONS.items():

@@ -186,10 +186,10 @@ def top_level_elements(buf: bytes, pos: int, implicit: bool) -> Iterator[tuple[i
     The walk starts at ``pos`` (the first element after the file meta group) and goes in file order until
     fewer than 8 bytes remain or the caller stops; the VR is None in Implicit VR. An element of undefined
     length (a sequence, an undefined-length UN, encapsulated Pixel Data) is yielded with
-    ``UNDEFINED_LENGTH`` and then skipped past its delimiter. A defined length is yielded as it is written: the caller checks that
-    ``value offset + length`` fits. Raises ``ValueError`` for an explicit VR that is not two upper-case
-    letters, :class:`IncompleteDataset` for a sequence cut short and ``struct.error`` for a long-VR
-    header cut short.
+    ``UNDEFINED_LENGTH`` and then skipped past its delimiter. A defined length is yielded as it is
+    written: the caller checks that ``value offset + length`` fits. Raises ``ValueError`` for an explicit
+    VR that is not two upper-case letters, :class:`IncompleteDataset` for a sequence cut short and
+    ``struct.error`` for a long-VR header cut short.
     """
     end = len(buf)
     walker = None
