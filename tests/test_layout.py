@@ -96,3 +96,10 @@ def test_the_database_layer_knows_nothing_of_pynetdicom():
     offenders = {m for m, imps in _imports_below("dicomnode.db").items()
                  if any(i == "pynetdicom" or i.startswith("pynetdicom.") for i in imps)}
     assert not offenders, f"pynetdicom imported by {sorted(offenders)}"
+
+
+def test_classification_never_imports_the_receive_path():
+    """The byte walk both stages need lives in dicomnode.part10; the classifier reads stored files, not the SCP."""
+    offenders = {m for m, imps in _imports_below("dicomnode.classification").items()
+                 if any(i == "dicomnode.receive" or i.startswith("dicomnode.receive.") for i in imps)}
+    assert not offenders, f"dicomnode.receive imported by {sorted(offenders)}"

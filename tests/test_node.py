@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from conftest import CT_FIXTURES, SHARED_DATA, dcmtk, free_port, send_files, stop_node, wait_for_echo
-from dicomnode.receive.dataset_check import check_complete, dataset_offset
+from dicomnode.part10 import check_complete, dataset_offset
 
 SERIES_3 = CT_FIXTURES / "series" / "dcmqi_ge_3slice"
 BIG_SERIES = SHARED_DATA / "ct" / "series" / "lungpetctdx_a0002_siemens_chest"  # 30 slices, 16 MB

@@ -11,7 +11,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
 
-from dicomnode.receive.dataset_check import (
+from dicomnode.part10 import (
     DEFLATED,
     EXPLICIT_BE,
     IMPLICIT_LE,

@@ -8,7 +8,7 @@ commits, so complete, fsynced, acknowledged files can be left without their rows
 yet journalled leaves the fsynced ``.part`` instead of the ``.dcm``.
 
 So recovery never deletes an instance: every complete file (``.dcm``, or ``.part`` that passes the
-structural check of :mod:`dicomnode.receive.dataset_check`) that the index lacks is re-indexed (the
+structural check of :mod:`dicomnode.part10`) that the index lacks is re-indexed (the
 ``.part`` renamed into place first); only a torn ``.part`` is removed. Rows whose file is missing are
 reported (logged by SOP Instance UID), not deleted. At start only series folders written since the
 previous start are scanned (their modification time is at least that of the start marker), so a

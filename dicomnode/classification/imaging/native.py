@@ -4,7 +4,7 @@ The files a PACS sends are mostly native (Implicit or Explicit VR Little Endian,
 and for those pydicom's full parse (every element of the file made a ``DataElement``, then its pixel
 backends) costs several times what the classifier needs. :func:`read_native_slice` walks the top-level
 elements up to Pixel Data once, with the walker the receive path's header reader uses
-(:func:`dicomnode.receive.dataset_check.top_level_elements`), keeps the ~20 it needs as raw bytes,
+(:func:`dicomnode.part10.top_level_elements`), keeps the ~20 it needs as raw bytes,
 converts those and views the pixels with numpy. The header then goes through :func:`~dicomnode.classification.imaging.series.headers_from_dataset`
 and the pixels through :func:`~dicomnode.classification.imaging.pixels.stored_to_hu`, the code the pydicom
 path runs, so the result is the same :class:`SliceHeader` and the same HU array
@@ -28,7 +28,7 @@ import numpy as np
 
 from dicomnode.classification.imaging.pixels import stored_to_hu
 from dicomnode.classification.imaging.series import SliceHeader, headers_from_dataset
-from dicomnode.receive.dataset_check import IMPLICIT_LE, UNDEFINED_LENGTH, file_meta_info, top_level_elements
+from dicomnode.part10 import IMPLICIT_LE, UNDEFINED_LENGTH, file_meta_info, top_level_elements
 
 __all__ = ["read_native_slice", "NATIVE_LITTLE_ENDIAN"]
 

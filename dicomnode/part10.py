@@ -1,4 +1,8 @@
-"""Check that an encoded dataset is structurally whole before it is stored.
+"""The bytes of a DICOM Part 10 file: file meta, the top-level element walk, structural completeness.
+
+Shared by the receive path (the header reader and the check before Success) and the classifier's
+native slice reader, so that neither stage imports the other; it decodes no value and knows nothing of
+pynetdicom, the index or the model.
 
 pydicom is lenient: it reads a truncated element as a short value and stops quietly at the end of
 the bytes. A peer that sends a cut or corrupt dataset must get a failure status instead of a
