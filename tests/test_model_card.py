@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,21 @@ def test_card_shows_input_kinds_five_class_view_cross_source_and_series(tmp_path
     assert rows[0]["n"] == metrics["n"]
     with pytest.raises(SystemExit):
         main(["--model", str(ckpt), "--out", str(tmp_path / "card3"), "--cross-source-from", str(tmp_path / "no")])
+
+
+def test_the_shipped_card_describes_the_shipped_model():
+    """A new default model must come with its own card: the card's version and preprocessing are those
+    of the checkpoint beside it, and every evaluation it shows measured that version."""
+    import dicomnode.classification.model as model_pkg
+    from dicomnode.classification.model.files import read_checkpoint_header
+
+    folder = Path(model_pkg.__file__).parent / "default"
+    header = read_checkpoint_header(None)  # the shipped model
+    card = json.loads((folder / "MODEL_CARD.json").read_text())
+    assert card["version"] == header["version"]
+    assert card["preprocessing"] == header["preprocess"]
+    for name, evaluation in card["evaluations"].items():
+        assert evaluation["model_version"] == header["version"], name
+    for name, evaluation in card["series_evaluations"].items():
+        assert evaluation["model_version"] == header["version"], name
+    assert f"`{header['version']}`" in (folder / "MODEL_CARD.md").read_text()

@@ -34,14 +34,17 @@ DEFAULT_LIMITS = [
     "There is no abdomen class: the lower abdomen between liver and pelvis (kidneys, bowel) is labelled `other` "
     "on 12 slices of one volume and about 20 DeepLesion key slices (about 15 patients), too few to train; such "
     "slices are called liver or pelvis. Scouts and reformats were left out of training and get one of the classes.",
-    "Real-DICOM neck is the weak spot of the six-class model: on ct/ (never trained on) 3 of 25 neck slices "
-    "are wrong, all of one Philips PET/CT series at shoulder level, where the probabilities are near uniform "
-    "(largest 0.24-0.37; called pelvis or lungs). The top slice of the Siemens chest series gets neck 0.75 "
-    "against lungs 0.18, too little for the ordered decoding (2 nats per switch) to open a one-slice neck "
-    "range: that series is tagged LUNG, LIVER, one slice of 30 wrong.",
+    "Real CT shows the table under the patient, OpenKBP (all head and most neck slices) has none: preprocessing "
+    "clears everything outside the body for every source (dicomnode/classification/imaging/body.py), since a net "
+    "trained without it called the 3 ct/ Philips PET/CT neck slices at shoulder level (a curved PET table under "
+    "them) pelvis or lungs, and another seed of the same recipe called 41 of the 100 ct/ slices wrong. A table, "
+    "mattress or immobilisation device that touches the body over a wide contact stays part of the body mask.",
+    "The top slice of the ct/ Siemens chest series gets neck 0.77 against lungs 0.18, too little for the ordered "
+    "decoding (2 nats per switch) to open a one-slice neck range: that series is tagged LUNG, LIVER, one slice "
+    "of 30 wrong.",
     "Most head, neck and lung slices come from one coarse grid (OpenKBP, 3.8-5.4 mm pixels) and most lower-body "
     "slices from full-resolution sources, so a net can learn sharpness as a sign of the region: the model "
-    "of 2026-12-02 called 17 of 25 ct/ neck slices pelvis after a blur of 1.3x the pixel size. Training now "
+    "of 2026-12-02 called 17 of 25 ct/ neck slices pelvis after a blur of 1.3x the pixel size. Training "
     "blurs or sharpens 40% of the slices (FieldParams.kernel_prob); a site whose kernels or grids differ "
     "from all the training sources may still see it.",
     "Mining the site's own PACS (`dicomnode mine`, then `dicomnode train`) is the way to a strong model; "

@@ -463,6 +463,10 @@ class FileScan:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
+            if self.params.clear_outside_body:  # imported once here, not again in every forked reader
+                from dicomnode.classification.imaging.body import load_labeller
+
+                load_labeller()
             return ProcessPoolExecutor(self._readers, mp_context=multiprocessing.get_context("fork"))
         return ThreadPoolExecutor(self._readers, thread_name_prefix="dicomnode-scan")
 

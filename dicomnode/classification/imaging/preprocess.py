@@ -13,6 +13,9 @@ anatomy look the same whatever the scanner's field of view:
    inside the soft-tissue window (-175..275 HU), so 8-bit soft-tissue-window key slices centre the same
    way. An empty mask centres on the image centre. Outside the source image the crop is filled with
    ``pad_hu`` (air).
+   Then, unless ``clear_outside_body`` is off, everything outside the body (the table, its mattress,
+   cables, blankets) is set to ``pad_hu``: the table is in real CT and not in OpenKBP's head and neck
+   slices, so it must not tell the region (:mod:`dicomnode.classification.imaging.body`).
 3. **Unknown pixel spacing** (8-bit key slices, PNG/JPEG): the documented fallback assumes that the image's
    larger side spans ``fallback_fov_mm`` (default 400 mm, the common body reconstruction diameter; a
    512-pixel DeepLesion slice then gets 0.78 mm, close to its real 0.6-0.9 mm).
@@ -36,6 +39,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from dicomnode.classification.imaging.body import clear_outside_body
+
 __all__ = ["PreprocessParams", "preprocess_slice", "preprocess_batch", "body_centre", "effective_spacing"]
 
 Window = tuple[float, float]
@@ -53,6 +58,8 @@ class PreprocessParams:
         centre_body: centre the crop on the body mask's centroid (False: on the image centre).
         fallback_fov_mm: assumed width of the larger image side when the pixel spacing is unknown.
         pad_hu: HU used outside the source image.
+        clear_outside_body: set what lies outside the body (the table) to ``pad_hu`` after resampling.
+            A checkpoint written before this key existed was trained without it and reads as False.
     """
 
     size: int = 128
@@ -62,6 +69,7 @@ class PreprocessParams:
     centre_body: bool = True
     fallback_fov_mm: float = 400.0
     pad_hu: float = -1024.0
+    clear_outside_body: bool = True
 
     def __post_init__(self) -> None:
         windows = tuple((float(lo), float(hi)) for lo, hi in self.windows)
@@ -97,6 +105,7 @@ class PreprocessParams:
         if unknown:
             raise ValueError(f"PreprocessParams: unknown keys {unknown}")
         kwargs = dict(d)
+        kwargs.setdefault("clear_outside_body", False)  # checkpoints from before the key: trained without it
         if "windows" in kwargs:
             kwargs["windows"] = tuple(tuple(w) for w in kwargs["windows"])
         return cls(**kwargs)
@@ -194,6 +203,8 @@ def _resample(hu: np.ndarray, spacing: tuple[float, float], params: PreprocessPa
     # Outside the image: zeros padding of (x - pad_hu) means pad_hu after adding it back.
     out = _bilinear(x - pad, cr + offs / (sr * kr), cc + offs / (sc * kc))
     out += pad
+    if params.clear_outside_body:
+        clear_outside_body(out, params.body_threshold_hu, params.pixel_mm, params.pad_hu)
     return out
 
 
