@@ -85,3 +85,17 @@ def test_cli_reports_config_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("listener:\n  port: 1\n")
     assert main(["status", "--config", str(path)]) == 2
+
+
+def test_the_embedded_configuration_does_not_load_pydicoms_code_dictionary():
+    """Validating routing rules needs pydicom's SR code dictionary (~0.4 s to import); a configuration
+    without rules must not pay for it: every command, `dicomnode classify` included, loads the config
+    before anything else."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dicomnode.config import load_config; load_config(None); "
+            "print('pydicom.sr.codedict' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
