@@ -75,11 +75,12 @@ def body_mask(hu: np.ndarray, threshold_hu: float, pixel_mm: float) -> np.ndarra
         return None
     areas = np.bincount(labels.ravel(), minlength=n + 1)
     areas[0] = 0
-    keep = areas >= max(1, MIN_SHARE * areas.max())
+    largest = areas.max()
+    keep = areas >= max(1, MIN_SHARE * largest)
     if np.count_nonzero(keep) > 1:  # a flat, wide component beside the largest is a table top
         flat_px = FLAT_MAX_MM / pixel_mm
         for i, box in enumerate(ndimage.find_objects(labels), start=1):
-            if keep[i] and box is not None and areas[i] < areas.max():
+            if keep[i] and box is not None and areas[i] < largest:
                 height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
                 if height <= flat_px and width >= FLAT_RATIO * height:
                     keep[i] = False

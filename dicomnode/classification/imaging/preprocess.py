@@ -54,7 +54,7 @@ class PreprocessParams:
         size: output width and height in pixels (square, S x S).
         pixel_mm: output pixel size in millimetres (field of view = size * pixel_mm).
         windows: one (low_hu, high_hu) per output channel; HU mapped to 0..1 and clipped.
-        body_threshold_hu: HU above which a pixel counts as body for centring.
+        body_threshold_hu: HU above which a pixel counts as body, for centring and for the body mask.
         centre_body: centre the crop on the body mask's centroid (False: on the image centre).
         fallback_fov_mm: assumed width of the larger image side when the pixel spacing is unknown.
         pad_hu: HU used outside the source image.
